@@ -1,0 +1,1 @@
+"""The coordinator: the Flower ServerApp, FedAvg with per-site privacy tracking, results."""

@@ -1,0 +1,1 @@
+"""Drivers: the ``dpfedseg`` command, presets, the comparison runner, reports and plots."""
