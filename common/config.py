@@ -25,6 +25,7 @@ class RunConfig:
 
     method: str = "rs"
     num_server_rounds: int = 3
+    num_sites: int = 3
     fraction_train: float = 1.0
     local_epochs: int = 1
     batch_size: int = 8
@@ -50,6 +51,8 @@ class RunConfig:
     data_dir: str = ""
     manifest: str = ""
     output_dir: str = "outputs/run"
+    cache_dir: str = ""
+    site_dir: str = ""
     init_weights: str = ""
     resume: bool = False
     round_timeout: int = 3600
@@ -59,6 +62,7 @@ class RunConfig:
         _check_choice("accountant", self.accountant, ACCOUNTANTS)
         _check_choice("rs-refresh", self.rs_refresh, RS_REFRESH)
         _check_range("num-server-rounds", self.num_server_rounds, low=1)
+        _check_range("num-sites", self.num_sites, low=1)
         _check_range("local-epochs", self.local_epochs, low=1)
         _check_range("batch-size", self.batch_size, low=1)
         _check_range("fraction-train", self.fraction_train, low=0.0, high=1.0, low_open=True)
