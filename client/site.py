@@ -1,0 +1,219 @@
+"""What one site does when the server calls: load its shard, train with DP-SGD, evaluate.
+
+Plain functions over plain values (weights as ``{name: ndarray}``), so the federation
+logic is tested without Flower; :mod:`client.app` only unpacks and packs messages.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from common import federation as fed
+from common.config import RunConfig
+from common.model import build_unet, plain_state_dict
+from common.privacy.ledger import PrivacyLedger
+from common.results import STATUS_OK, STATUS_REFUSED
+from client.evaluate import evaluate_model, pick_device
+from client.train import train_site
+
+log = logging.getLogger(__name__)
+
+LEDGER_FILE = "privacy_ledger.json"
+BYTES_PER_VALUE = 4  # float32 weights
+
+
+@dataclass(frozen=True)
+class SiteSetup:
+    """Where one site's data and its own records live."""
+
+    site: int
+    data_dir: Path
+    manifest: Path | None
+    site_dir: Path
+    cache_dir: Path | None
+
+    @property
+    def ledger_path(self) -> Path:
+        """The site's privacy ledger (on the site's own disk)."""
+        return self.site_dir / LEDGER_FILE
+
+
+@dataclass
+class SiteData:
+    """A site's train, validation and test datasets."""
+
+    train: Any
+    val: Any
+    test: Any
+
+
+@dataclass
+class TrainReplyContent:
+    """The three parts of a train reply: weights (None when refused), metrics, info."""
+
+    weights: dict[str, np.ndarray] | None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, str] = field(default_factory=dict)
+
+
+def resolve_site(config: RunConfig, node_config: Mapping[str, Any]) -> SiteSetup:
+    """Work out the site id and folders from the node config, falling back to the run config.
+
+    In simulation Flower sets ``partition-id``; in deployment a SuperNode passes
+    ``--node-config "site=0 data-dir='/data' site-dir='/var/dpfedseg'"`` (``partition-id``
+    is accepted for ``site``). A site without a manifest uses its whole data folder.
+    """
+    raw_site = node_config.get("site", node_config.get("partition-id"))
+    if raw_site is None:
+        raise ValueError(
+            "the SuperNode has no 'site' or 'partition-id' in its node config; start it with "
+            "--node-config \"site=0 data-dir='/path/to/data'\""
+        )
+    site = int(raw_site)
+    data_dir = str(node_config.get("data-dir") or config.data_dir)
+    if not data_dir:
+        raise ValueError(
+            f"site {site} has no data folder: set data-dir in the node config or the run config"
+        )
+    manifest = node_config.get("manifest", config.manifest if "data-dir" not in node_config else "")
+    if node_config.get("site-dir"):
+        site_dir = Path(str(node_config["site-dir"]))
+    else:
+        site_root = Path(config.site_dir) if config.site_dir else Path(config.output_dir) / "sites"
+        site_dir = site_root / f"site-{site}"
+    cache_dir = node_config.get("cache-dir") or config.cache_dir
+    return SiteSetup(
+        site=site,
+        data_dir=Path(data_dir),
+        manifest=Path(manifest) if manifest else None,
+        site_dir=site_dir,
+        cache_dir=Path(cache_dir) if cache_dir else None,
+    )
+
+
+def load_site_data(setup: SiteSetup, config: RunConfig) -> SiteData:
+    """Return the site's datasets, read from the preprocessing cache."""
+    from common.data import SegmentationDataset
+    from common.sites import read_manifest, site_ids, site_style
+
+    cache = _open_cache(str(setup.data_dir), config.image_size, str(setup.cache_dir or ""))
+    if setup.manifest is not None:
+        manifest = read_manifest(setup.manifest)
+        site = setup.site
+    else:
+        manifest = _single_site_manifest(cache, config.seed)
+        site = 0
+    style = site_style(manifest, site)
+    splits = {}
+    for split in ("train", "val", "test"):
+        ids = site_ids(manifest, site, split)
+        splits[split] = SegmentationDataset(cache, ids, style=style, style_seed=config.seed * 7919 + setup.site)
+    if len(splits["train"]) == 0:
+        raise ValueError(
+            f"site {setup.site} has no training images in {setup.manifest or setup.data_dir}; "
+            "check the manifest's site ids against the partition ids"
+        )
+    return SiteData(**splits)
+
+
+def train_round(
+    config: RunConfig,
+    node_config: Mapping[str, Any],
+    weights: Mapping[str, np.ndarray],
+    *,
+    server_round: int,
+) -> TrainReplyContent:
+    """Train the global ``weights`` for one round at this site and build the reply."""
+    setup = resolve_site(config, node_config)
+    data = load_site_data(setup, config)
+    device = pick_device()
+    model = _model_with(config, weights)
+    ledger = (
+        PrivacyLedger(setup.ledger_path, delta=config.delta, target_epsilon=config.target_epsilon)
+        if config.private
+        else None
+    )
+    result = train_site(
+        model,
+        data.train,
+        config,
+        ledger=ledger,
+        server_round=server_round,
+        site=setup.site,
+        device=device,
+    )
+    entries = list(ledger.entries) if ledger is not None else []
+    metrics: dict[str, Any] = {
+        fed.SITE: setup.site,
+        fed.NUM_EXAMPLES: int(result.num_examples),
+        "epsilon": float(result.epsilon),
+        "delta": float(config.delta),
+        "noise_multiplier": float(result.noise_multiplier),
+        "sample_rate": float(result.sample_rate),
+        **fed.pack_ledger(entries),
+    }
+    info = {fed.INFO_ACCOUNTANT: result.accountant, fed.INFO_METHOD: config.method}
+    if result.refused:
+        log.warning("site %d refuses round %d: %s", setup.site, server_round, result.refused)
+        info.update({fed.INFO_STATUS: STATUS_REFUSED, fed.INFO_REASON: result.refused})
+        metrics.update({"round_entries": 0, "steps": 0})
+        return TrainReplyContent(weights=None, metrics=metrics, info=info)
+    info.update({fed.INFO_STATUS: STATUS_OK, fed.INFO_REASON: ""})
+    metrics.update(
+        {
+            "train_loss": float(result.train_loss),
+            "steps": int(result.steps),
+            "train_seconds": float(result.seconds),
+            "upload_bytes": int(result.upload_coordinates) * BYTES_PER_VALUE,
+            "round_entries": len(result.entries),
+        }
+    )
+    new_weights = {k: v.detach().cpu().numpy() for k, v in plain_state_dict(model).items()}
+    return TrainReplyContent(weights=new_weights, metrics=metrics, info=info)
+
+
+def evaluate_global(
+    config: RunConfig, node_config: Mapping[str, Any], weights: Mapping[str, np.ndarray]
+) -> dict[str, float]:
+    """Score the global ``weights`` on the site's validation and test splits."""
+    setup = resolve_site(config, node_config)
+    data = load_site_data(setup, config)
+    model = _model_with(config, weights)
+    device = pick_device()
+    metrics: dict[str, float] = {fed.SITE: setup.site, fed.NUM_EXAMPLES: len(data.val)}
+    for split, dataset in (("val", data.val), ("test", data.test)):
+        if len(dataset) == 0:
+            continue
+        scores = evaluate_model(model, dataset, device=device)
+        for key in ("dice", "dice_positive", "iou", "fpr"):
+            value = scores.get(key)
+            if value is not None and np.isfinite(value):
+                metrics[f"{split}_{key}"] = float(value)
+    return metrics
+
+
+def _model_with(config: RunConfig, weights: Mapping[str, np.ndarray]) -> torch.nn.Module:
+    model = build_unet(encoder=config.encoder, group_norm_groups=config.group_norm_groups)
+    state = {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}
+    model.load_state_dict(state)
+    return model
+
+
+@functools.lru_cache(maxsize=4)
+def _open_cache(data_dir: str, image_size: int, cache_dir: str):
+    from common.data import open_cache
+
+    return open_cache(data_dir, image_size, cache_dir=cache_dir or None)
+
+
+def _single_site_manifest(cache: Any, seed: int):
+    from common.sites import partition
+
+    return partition(cache.frame, setup="iid", num_sites=1, seed=seed).manifest

@@ -1,0 +1,273 @@
+"""The server's round loop: sample sites, train, verify privacy, average, evaluate, save.
+
+It follows the order of Flower's ``Strategy.start`` but adds what a private federation
+needs: sites whose budget is spent are no longer sampled, the run stops when every
+budget is spent, and every round ends with its rows, ledgers and a checkpoint on disk,
+so a stopped server resumes at the next round.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+
+from common import federation as fed
+from common.config import RunConfig
+from common.results import STATUS_FAILED, STATUS_NOT_SAMPLED, STATUS_OK, STATUS_REFUSED
+from server.aggregate import weighted_average
+from server.replies import TrainReply, parse_evaluate_replies, parse_train_replies
+from server.run_folder import RunFolder
+from server.tracker import SiteTracker
+
+log = logging.getLogger(__name__)
+
+NODE_WAIT_SECONDS = 600  # how long round 1 waits for num-sites SuperNodes to connect
+
+
+@dataclass
+class FederationResult:
+    """What a finished (or stopped) run produced."""
+
+    weights: dict[str, np.ndarray]
+    last_round: int
+    stop_reason: str
+    max_epsilon: float
+
+
+def run_federation(
+    grid: Any,
+    config: RunConfig,
+    *,
+    initial_weights: Mapping[str, np.ndarray],
+    folder: RunFolder,
+) -> FederationResult:
+    """Run (or resume) the federated rounds of ``config`` on ``grid``."""
+    tracker = SiteTracker(
+        delta=config.delta, target_epsilon=config.target_epsilon, accountant=config.accountant
+    )
+    node_sites: dict[int, int] = {}
+    weights = dict(initial_weights)
+    first_round = 1
+    checkpoint = folder.load_checkpoint() if config.resume else None
+    if checkpoint is not None:
+        weights = checkpoint["weights"]
+        first_round = checkpoint["server_round"] + 1
+        tracker.load_state_dict(checkpoint["tracker"])
+        node_sites.update(checkpoint["node_sites"])
+        folder.truncate_rows(checkpoint["server_round"])
+        log.info("resuming from the checkpoint of round %d", checkpoint["server_round"])
+    else:
+        folder.truncate_rows(0)
+    folder.write_config(config)
+
+    last_round = first_round - 1
+    stop_reason = "all rounds done"
+    for server_round in range(first_round, config.num_server_rounds + 1):
+        if config.private and tracker.all_spent(config.num_sites):
+            stop_reason = "every site's privacy budget is spent"
+            break
+        started = time.monotonic()
+        nodes = _wait_for_nodes(grid, config.num_sites if server_round == first_round else 1)
+        sampled = _sample(nodes, tracker.excluded_nodes(), config, server_round)
+        if not sampled:
+            stop_reason = "no site with privacy budget left is connected"
+            break
+        train = _train_round(grid, config, server_round, weights, sampled, node_sites)
+        _track_privacy(tracker, train, server_round)
+        accepted = [r for r in train if r.status == STATUS_OK]
+        if accepted:
+            weights = weighted_average(
+                [r.weights for r in accepted], [r.num_examples for r in accepted]
+            )
+        evaluation = _evaluate_round(grid, config, server_round, weights, nodes, train, node_sites)
+        seconds = time.monotonic() - started
+        rows = _round_rows(config, server_round, train, evaluation, tracker, seconds)
+        folder.append_rows(rows)
+        folder.write_ledgers(tracker.state_dict())
+        folder.save_checkpoint(
+            server_round=server_round,
+            weights=weights,
+            tracker_state=tracker.state_dict(),
+            node_sites=node_sites,
+        )
+        folder.write_status(complete=False, last_round=server_round, stop_reason="running")
+        last_round = server_round
+        _log_round(config, server_round, train, rows, tracker, seconds)
+
+    folder.write_final_model(weights)
+    folder.write_status(complete=True, last_round=last_round, stop_reason=stop_reason)
+    log.info(
+        "run finished after round %d (%s); max epsilon %.3f (%s, delta=%g)",
+        last_round, stop_reason, tracker.max_epsilon(), config.accountant, config.delta,
+    )
+    return FederationResult(weights, last_round, stop_reason, tracker.max_epsilon())
+
+
+def _wait_for_nodes(grid: Any, minimum: int) -> list[int]:
+    deadline = time.monotonic() + NODE_WAIT_SECONDS
+    while True:
+        nodes = sorted(int(n) for n in grid.get_node_ids())
+        if len(nodes) >= minimum:
+            return nodes
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"only {len(nodes)} of {minimum} sites connected within {NODE_WAIT_SECONDS} s; "
+                "check that every SuperNode is running and reaches the SuperLink"
+            )
+        log.info("waiting for sites: %d of %d connected", len(nodes), minimum)
+        time.sleep(2)
+
+
+def _sample(nodes: list[int], excluded: set[int], config: RunConfig, server_round: int) -> list[int]:
+    eligible = [n for n in nodes if n not in excluded]
+    if not eligible:
+        return []
+    count = max(1, round(config.fraction_train * len(eligible)))
+    rng = random.Random(config.seed * 100_003 + server_round)
+    return sorted(rng.sample(eligible, count))
+
+
+def _to_array_record(weights: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
+
+
+def _messages(weights, node_ids, server_round: int, message_type: str) -> list[Message]:
+    record_arrays = _to_array_record(weights)
+    return [
+        Message(
+            content=RecordDict(
+                {
+                    fed.ARRAYS_KEY: record_arrays,
+                    fed.CONFIG_KEY: ConfigRecord({"server-round": server_round}),
+                }
+            ),
+            message_type=message_type,
+            dst_node_id=node_id,
+        )
+        for node_id in node_ids
+    ]
+
+
+def _train_round(grid, config, server_round, weights, sampled, node_sites) -> list[TrainReply]:
+    messages = _messages(weights, sampled, server_round, MessageType.TRAIN)
+    replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
+    return parse_train_replies(replies, sampled, node_sites)
+
+
+def _evaluate_round(grid, config, server_round, weights, nodes, train, node_sites):
+    failed = {r.node_id for r in train if r.status == STATUS_FAILED}
+    targets = [n for n in nodes if n not in failed]
+    messages = _messages(weights, targets, server_round, MessageType.EVALUATE)
+    replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
+    for message in replies:
+        if message.has_error():
+            log.warning(
+                "round %d: evaluation failed on node %s: %s",
+                server_round, message.metadata.src_node_id, str(message.error.reason)[-300:],
+            )
+    return parse_evaluate_replies(replies, node_sites)
+
+
+def _track_privacy(tracker: SiteTracker, train: list[TrainReply], server_round: int) -> None:
+    for reply in train:
+        if reply.status == STATUS_OK:
+            epsilon_server, mismatch = tracker.observe_train(
+                site=reply.site,
+                node_id=reply.node_id,
+                entries=reply.entries,
+                epsilon_reported=float(reply.metrics.get("epsilon", 0.0)),
+            )
+            reply.metrics["epsilon_server"] = epsilon_server
+            if mismatch:
+                reply.reason = mismatch
+            count = int(reply.metrics.get("round_entries", 0))
+            tracker.forecast_next_round(reply.site, reply.entries[len(reply.entries) - count :] if count else [])
+        elif reply.status == STATUS_REFUSED:
+            tracker.mark_refused(reply.site, reply.node_id, reply.reason)
+            if reply.entries:
+                tracker.observe_train(
+                    site=reply.site,
+                    node_id=reply.node_id,
+                    entries=reply.entries,
+                    epsilon_reported=float(reply.metrics.get("epsilon", 0.0)),
+                )
+
+
+def _round_rows(config, server_round, train, evaluation, tracker, seconds) -> list[dict]:
+    rows = []
+    seen = set()
+    for reply in train:
+        seen.add(reply.site)
+        state = tracker.sites.get(reply.site)
+        row = {
+            "server_round": server_round,
+            "site": reply.site,
+            "status": reply.status,
+            "reason": reply.reason,
+            "method": config.method,
+            "num_examples": reply.num_examples or np.nan,
+            "accountant": config.accountant,
+            "delta": config.delta,
+            "round_seconds": seconds,
+            **{k: v for k, v in reply.metrics.items() if k not in ("round_entries", "delta")},
+        }
+        if state is not None:
+            row["epsilon_server"] = state.epsilon_server
+            row.setdefault("epsilon", state.epsilon_reported)
+        row.update(evaluation.get(reply.site, {}))
+        rows.append(row)
+    for site, metrics in sorted(evaluation.items()):
+        if site in seen:
+            continue
+        state = tracker.sites.get(site)
+        rows.append(
+            {
+                "server_round": server_round,
+                "site": site,
+                "status": STATUS_NOT_SAMPLED,
+                "reason": state.exhausted if state else "",
+                "method": config.method,
+                "accountant": config.accountant,
+                "delta": config.delta,
+                "epsilon": state.epsilon_reported if state else 0.0,
+                "epsilon_server": state.epsilon_server if state else 0.0,
+                "round_seconds": seconds,
+                **metrics,
+            }
+        )
+    return sorted(rows, key=lambda r: r["site"])
+
+
+def _log_round(config, server_round, train, rows, tracker, seconds) -> None:
+    def sites(status: str) -> str:
+        return ",".join(str(r.site) for r in train if r.status == status) or "-"
+
+    failures = "; ".join(f"site {r.site} (node {r.node_id}): {r.reason}" for r in train if r.status == STATUS_FAILED)
+    per_site = " ".join(
+        f"{site}:{max(s.epsilon_server, s.epsilon_reported):.3f}" for site, s in sorted(tracker.sites.items())
+    )
+    ok_rows = [r for r in rows if r["status"] == STATUS_OK]
+    loss = _weighted(ok_rows, "train_loss", "num_examples")
+    dice = _weighted([r for r in rows if "val_dice" in r], "val_dice", None)
+    log.info(
+        "round %d/%d: sampled %s, replied %s, failed %s, refused %s | epsilon per site %s, "
+        "max %.3f (%s, delta=%g) | train loss %s | val Dice %s | %.1f s",
+        server_round, config.num_server_rounds, ",".join(str(r.site) for r in train),
+        sites(STATUS_OK), sites(STATUS_FAILED), sites(STATUS_REFUSED), per_site or "-",
+        tracker.max_epsilon(), config.accountant, config.delta,
+        "-" if loss is None else f"{loss:.4f}", "-" if dice is None else f"{dice:.4f}", seconds,
+    )
+    if failures:
+        log.warning("round %d failures: %s", server_round, failures)
+
+
+def _weighted(rows: list[dict], key: str, weight_key: str | None) -> float | None:
+    pairs = [(float(r[key]), float(r.get(weight_key, 1.0)) if weight_key else 1.0) for r in rows if key in r]
+    total = sum(w for _, w in pairs)
+    return None if not pairs or total <= 0 else sum(v * w for v, w in pairs) / total

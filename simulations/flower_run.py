@@ -1,0 +1,171 @@
+"""Run one federated job through Flower's simulation engine (``flwr run .``).
+
+The run config is written to a TOML file in the run folder and passed with ``-c``, so
+every value reaches the apps exactly as resolved here. Paths are made absolute first:
+Flower runs a copy of the app from ``FLWR_HOME``, where relative paths would point
+elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Callable
+
+from common.config import RunConfig
+from common.results import STATUS_FILE
+from common.runtime import configure_environment, project_root, state_dir
+
+log = logging.getLogger(__name__)
+
+RUN_CONFIG_FILE = "run_config.toml"
+LOG_FILE = "flower.log"
+_ROUND_LINE = re.compile(r"server\.federation: (round \d+/\d+:.*|run finished.*|resuming.*)")
+_RESULT_TIMEOUT_GRACE = 300  # seconds added to the rounds' timeouts before a run is killed
+
+
+def resolve_paths(config: RunConfig) -> RunConfig:
+    """Return ``config`` with every path absolute and the cache folder filled in."""
+
+    def absolute(value: str) -> str:
+        return str(Path(value).expanduser().resolve()) if value else ""
+
+    return config.replace(
+        output_dir=absolute(config.output_dir),
+        data_dir=absolute(config.data_dir),
+        manifest=absolute(config.manifest),
+        cache_dir=absolute(config.cache_dir) or str((state_dir() / "cache").resolve()),
+        site_dir=absolute(config.site_dir),
+        init_weights=absolute(config.init_weights),
+    )
+
+
+def write_run_config(config: RunConfig, path: Path) -> None:
+    """Write ``config`` as the TOML override file that ``flwr run -c FILE`` reads."""
+    from common import atomic
+
+    lines = []
+    for key, value in config.to_run_config().items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, (int, float)):
+            text = repr(value)
+        else:
+            text = '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        lines.append(f"{key} = {text}")
+    atomic.write_text(path, "\n".join(lines) + "\n")
+
+
+def run_federated(
+    config: RunConfig,
+    *,
+    num_sites: int,
+    log_file: Path | None = None,
+    timeout: float | None = None,
+    on_line: Callable[[str], None] | None = None,
+) -> Path:
+    """Run ``config`` with ``num_sites`` simulated sites; return the run folder.
+
+    Blocks until the run ends, logs each round's summary line, and raises RuntimeError
+    with the tail of Flower's output when the run fails or does not complete.
+    """
+    configure_environment()
+    env = dict(os.environ)
+    config = resolve_paths(config.replace(num_sites=num_sites))
+    folder = Path(config.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    config_file = folder / RUN_CONFIG_FILE
+    write_run_config(config, config_file)
+    log_file = log_file or folder / LOG_FILE
+    command = [
+        str(Path(sys.executable).with_name("flwr")),
+        "run",
+        str(project_root()),
+        "--stream",
+        "--run-config",
+        str(config_file),
+        "--federation-config",
+        f"num-supernodes={num_sites} client-resources-num-cpus=1",
+    ]
+    if timeout is None:
+        timeout = config.num_server_rounds * 2 * config.round_timeout + _RESULT_TIMEOUT_GRACE
+    log.info("starting Flower simulation: %d sites, %d rounds -> %s", num_sites, config.num_server_rounds, folder)
+    tail = _stream(command, env, log_file, timeout, on_line)
+    status_file = folder / STATUS_FILE
+    status = status_file.read_text() if status_file.exists() else ""
+    if '"complete": true' not in status:
+        raise RuntimeError(
+            f"Flower run in {folder} did not complete (status: {status.strip() or 'missing'}); "
+            f"full log: {log_file}\n--- last lines ---\n" + "\n".join(tail)
+        )
+    return folder
+
+
+def _stream(command, env, log_file: Path, timeout: float, on_line) -> list[str]:
+    tail: deque[str] = deque(maxlen=40)
+    started = time.monotonic()
+    with open(log_file, "a", encoding="utf-8") as sink:
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=project_root(),
+            start_new_session=True,
+        )
+        assert process.stdout is not None
+        try:
+            for line in process.stdout:
+                sink.write(line)
+                clean = _strip_ansi(line.rstrip("\n"))
+                tail.append(clean)
+                match = _ROUND_LINE.search(clean)
+                if match:
+                    log.info("%s", match.group(1))
+                if on_line is not None:
+                    on_line(clean)
+                if time.monotonic() - started > timeout:
+                    raise TimeoutError
+            process.wait()
+        except (TimeoutError, KeyboardInterrupt) as error:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait()
+            if isinstance(error, KeyboardInterrupt):
+                raise
+            raise RuntimeError(
+                f"Flower run timed out after {timeout:.0f} s; log: {log_file}"
+            ) from None
+    return list(tail)
+
+
+def _strip_ansi(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def stop_local_superlink() -> int:
+    """Stop the background SuperLink that ``flwr run`` started for this project's FLWR_HOME.
+
+    Returns the number of processes signalled. Other users' SuperLinks are left alone.
+    """
+    flwr_home = configure_environment()["FLWR_HOME"]
+    stopped = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if "flower-superlink" in cmdline and f"FLWR_HOME={flwr_home}".encode() in environ:
+            os.kill(int(proc.name), signal.SIGTERM)
+            stopped += 1
+    return stopped
