@@ -1,0 +1,485 @@
+"""The comparison: methods x multi-center setups x seeds, each a Flower simulation, then a report.
+
+Privacy matching (the point of a fair comparison):
+
+- ``match="noise"`` (default): every DP method gets the same ``noise_multiplier``,
+  ``batch_size`` (so the same ``sample_rate`` per site, since all methods share one
+  manifest per setup and seed) and the same rounds and local epochs. Equal
+  ``(noise_multiplier, sample_rate, steps)`` give equal per-site epsilon for every clipping
+  and sparsification variant, because each bounds the per-example sensitivity by
+  ``max_grad_norm``.
+- ``match="epsilon"``: every DP method calibrates its noise (``calibrate_noise``) to the same
+  ``target_epsilon``.
+- ``sweep_epsilons``: one calibrated run group per target epsilon (noise calibrated per
+  value); the non-private reference runs once, outside the sweep.
+
+Resuming: a run whose ``status.json`` marks it complete is skipped, an unfinished run with a
+``checkpoint.pt`` continues from it (``resume``), and any other run starts over. A finished
+run whose saved configuration differs from the requested one is an error, so a changed
+setting never mixes with old results.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from common import atomic, results
+from common.config import METHODS, RunConfig
+from simulations.summary import (
+    COMPARISON_DIR,
+    MANIFEST_DIR,
+    METHOD_FOLDERS,
+    PLAN_FILE,
+    SUMMARY_CSV,
+    SUMMARY_MD,
+    claims,
+    claims_markdown,
+    final_per_run,
+    load_outputs,
+    run_name,
+    summarize,
+    summary_markdown,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METHODS = ("rs", "automatic")
+MATCH_MODES = ("noise", "epsilon")
+
+SKIP, RESUME, START = "skip", "resume", "start"
+"""What :func:`resume_action` decides for a run folder."""
+
+_UNCOMPARED_KEYS = frozenset(
+    {"resume", "output_dir", "data_dir", "manifest", "cache_dir", "site_dir", "init_weights",
+     "round_timeout"}
+)
+"""Run settings that may differ between a saved run and a resumed comparison: paths (the
+runner makes them absolute) and operational limits."""
+
+Runner = Callable[..., Path]
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One federated run of the comparison: a method on one setup and seed."""
+
+    method: str
+    setup: str
+    seed: int
+    sweep_epsilon: float | None = None
+
+    @property
+    def name(self) -> str:
+        """The run folder name, ``<setup>-seed<k>[-eps<e>]``."""
+        return run_name(self.setup, self.seed, self.sweep_epsilon)
+
+    def folder(self, outputs: Path) -> Path:
+        """The run folder under ``outputs``."""
+        return Path(outputs) / METHOD_FOLDERS[self.method] / self.name
+
+    def label(self) -> str:
+        """``<method folder>/<run name>``, as the log names a run."""
+        return f"{METHOD_FOLDERS[self.method]}/{self.name}"
+
+
+@dataclass(frozen=True)
+class CompareSpec:
+    """Everything one comparison needs, validated at construction.
+
+    Attributes:
+        base: settings shared by every run; ``method``, ``seed``, ``output_dir``,
+            ``manifest``, ``data_dir``, ``calibrate_noise`` and ``resume`` are set per run.
+        data_dir: dataset root shared by all runs.
+        outputs: the outputs folder (method folders, ``manifests/``, ``comparison/``).
+        methods: methods to compare, each one of :data:`common.config.METHODS`.
+        setups: site setups (see :mod:`common.sites`), one manifest per setup and seed.
+        seeds: seeds; seed ``k`` draws the partition and seeds training of every method.
+        match: ``noise`` or ``epsilon``, see the module notes.
+        sweep_epsilons: target epsilons to sweep (empty: no sweep).
+        site_options: extra settings of the site partition (e.g. ``alpha``).
+        run_timeout: seconds one run may take before it is stopped (None: the runner's default).
+    """
+
+    base: RunConfig
+    data_dir: Path
+    outputs: Path
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    setups: tuple[str, ...] = ("iid",)
+    seeds: tuple[int, ...] = (0,)
+    match: str = "noise"
+    sweep_epsilons: tuple[float, ...] = ()
+    site_options: Mapping[str, Any] = field(default_factory=dict)
+    run_timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(
+                f"methods must be a non-empty selection of {', '.join(METHODS)}; got "
+                f"{list(self.methods)}"
+            )
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods are listed twice: {list(self.methods)}")
+        if self.match not in MATCH_MODES:
+            raise ValueError(f"match must be one of {', '.join(MATCH_MODES)}; got {self.match!r}")
+        if not self.setups or len(set(self.setups)) != len(self.setups):
+            raise ValueError(f"setups must be non-empty and distinct; got {list(self.setups)}")
+        if not self.seeds or any(s < 0 for s in self.seeds) or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct integers >= 0; got {list(self.seeds)}")
+        bad = [e for e in self.sweep_epsilons if not (e > 0 and math.isfinite(e))]
+        if bad:
+            raise ValueError(f"target epsilons must be finite and > 0; got {bad}")
+
+    @property
+    def num_sites(self) -> int:
+        """Number of sites of every run."""
+        return self.base.num_sites
+
+
+def plan_runs(spec: CompareSpec) -> list[PlannedRun]:
+    """Return the runs of ``spec`` in execution order.
+
+    All methods of one (setup, seed) run next to each other, seeds in order, so the first
+    finished runs already give a complete comparison at seed 0.
+    """
+    runs = []
+    epsilons: tuple[float | None, ...] = spec.sweep_epsilons or (None,)
+    for setup in spec.setups:
+        for seed in spec.seeds:
+            for method in spec.methods:
+                if method == "none":
+                    runs.append(PlannedRun(method, setup, seed))
+                    continue
+                runs.extend(PlannedRun(method, setup, seed, eps) for eps in epsilons)
+    return runs
+
+
+def run_config_for(spec: CompareSpec, run: PlannedRun, manifest: Path) -> RunConfig:
+    """Return the resolved settings of ``run``: the shared ones plus the run's own."""
+    if run.method == "none":
+        calibrate, target = False, spec.base.target_epsilon
+    elif run.sweep_epsilon is not None:
+        calibrate, target = True, run.sweep_epsilon
+    else:
+        calibrate, target = spec.match == "epsilon", spec.base.target_epsilon
+    return spec.base.replace(
+        method=run.method,
+        seed=run.seed,
+        data_dir=str(spec.data_dir),
+        manifest=str(manifest),
+        output_dir=str(run.folder(spec.outputs)),
+        calibrate_noise=calibrate,
+        target_epsilon=target,
+        resume=False,
+    )
+
+
+def resume_action(folder: Path) -> str:
+    """Return :data:`SKIP` for a finished run, :data:`RESUME` with a checkpoint, else :data:`START`."""
+    status_file = folder / results.STATUS_FILE
+    if status_file.is_file():
+        try:
+            if json.loads(status_file.read_text(encoding="utf-8")).get("complete") is True:
+                return SKIP
+        except json.JSONDecodeError:
+            log.warning("%s is not valid JSON; the run is treated as unfinished", status_file)
+    if (folder / results.CHECKPOINT_FILE).is_file():
+        return RESUME
+    return START
+
+
+def check_saved_config(folder: Path, config: RunConfig) -> None:
+    """Raise ValueError when the run in ``folder`` was made with other settings than ``config``.
+
+    Compares every setting but paths and limits (:data:`_UNCOMPARED_KEYS`); the noise
+    multiplier is left out when it is calibrated, because the saved one is the calibrated value.
+    """
+    saved_file = folder / results.CONFIG_FILE
+    if not saved_file.is_file():
+        return
+    saved = {k.replace("-", "_"): v for k, v in json.loads(saved_file.read_text()).items()}
+    wanted = {k.replace("-", "_"): v for k, v in config.to_run_config().items()}
+    skip = set(_UNCOMPARED_KEYS)
+    if config.calibrate_noise:
+        skip.add("noise_multiplier")
+    differences = [
+        f"{key.replace('_', '-')}: saved {saved[key]!r}, requested {value!r}"
+        for key, value in wanted.items()
+        if key not in skip and key in saved and not _same_value(saved[key], value)
+    ]
+    if differences:
+        raise ValueError(
+            f"the run in {folder} was made with other settings ({'; '.join(differences)}); "
+            "choose another --out folder, or delete that run folder to redo it"
+        )
+
+
+def _same_value(saved: Any, wanted: Any) -> bool:
+    if isinstance(wanted, bool) or isinstance(saved, bool):
+        return str(saved).lower() == str(wanted).lower()
+    if isinstance(wanted, (int, float)) and isinstance(saved, (int, float)):
+        return math.isclose(float(saved), float(wanted), rel_tol=1e-9, abs_tol=1e-12)
+    return str(saved) == str(wanted)
+
+
+# ----- the comparison loop --------------------------------------------------------------------
+
+
+def run_comparison(
+    spec: CompareSpec,
+    *,
+    prepare_manifest: Callable[[CompareSpec, str, int], Path],
+    runner: Runner | None = None,
+) -> list[Path]:
+    """Run every planned run not finished yet, then write the report; return the report files.
+
+    ``prepare_manifest(spec, setup, seed)`` returns the sites manifest of one setup and seed
+    (shared by all methods). ``runner`` runs one federated job
+    (:func:`simulations.flower_run.run_federated` by default). A failing run is logged and
+    the others go on; the report covers the finished runs, then RuntimeError names the
+    failed ones.
+    """
+    if runner is None:
+        from simulations.flower_run import run_federated as runner
+    plan = plan_runs(spec)
+    ledger = _PlanFile(spec, plan)
+    timer = TimeLeft(len(plan))
+    failures = []
+    manifests: dict[tuple[str, int], Path] = {}
+    for index, run in enumerate(plan, 1):
+        folder = run.folder(spec.outputs)
+        key = (run.setup, run.seed)
+        if key not in manifests:
+            manifests[key] = prepare_manifest(spec, run.setup, run.seed)
+        config = run_config_for(spec, run, manifests[key])
+        action = resume_action(folder)
+        if action != START:
+            check_saved_config(folder, config)
+        if action == SKIP:
+            log.info("[%d/%d] %s finished earlier: skipped", index, len(plan), run.label())
+            ledger.update(run, state="complete")
+            timer.skip()
+            continue
+        log.info("[%d/%d] %s: %s", index, len(plan), run.label(),
+                 "resuming from its checkpoint" if action == RESUME else "starting")
+        started = time.monotonic()
+        try:
+            with RunProgress(folder, total=config.num_server_rounds, label=run.label()) as bar:
+                runner(
+                    config.replace(resume=action == RESUME),
+                    num_sites=spec.num_sites,
+                    timeout=spec.run_timeout,
+                    on_line=bar.poll,
+                )
+        except RuntimeError as error:
+            log.error("%s failed: %s", run.label(), error)
+            failures.append(run.label())
+            ledger.update(run, state="failed", seconds=time.monotonic() - started)
+            timer.skip()
+            continue
+        seconds = time.monotonic() - started
+        ledger.update(run, state="complete", seconds=seconds)
+        timer.finished(seconds)
+        log.info("[%d/%d] %s finished in %.0f s; %s", index, len(plan), run.label(), seconds,
+                 timer.describe())
+    written = write_report(spec.outputs) if _any_finished(spec, plan) else []
+    if failures:
+        raise RuntimeError(
+            f"{len(failures)} of {len(plan)} runs failed: {', '.join(failures)}; their logs are "
+            "in each run folder (flower.log); rerun the same command to retry them"
+        )
+    return written
+
+
+def _any_finished(spec: CompareSpec, plan: list[PlannedRun]) -> bool:
+    return any(resume_action(run.folder(spec.outputs)) == SKIP for run in plan)
+
+
+class _PlanFile:
+    """``comparison/plan.json``: the planned runs, their state and measured seconds."""
+
+    def __init__(self, spec: CompareSpec, plan: list[PlannedRun]) -> None:
+        self.path = Path(spec.outputs) / COMPARISON_DIR / PLAN_FILE
+        previous = self._read()
+        self.runs = {}
+        for run in plan:
+            entry = previous.get(run.label(), {})
+            self.runs[run.label()] = {
+                "method": run.method,
+                "setup": run.setup,
+                "seed": run.seed,
+                "sweep_epsilon": run.sweep_epsilon,
+                "folder": run.label(),
+                "state": entry.get("state", "planned"),
+                "seconds": entry.get("seconds"),
+            }
+        self.header = {
+            "methods": list(spec.methods),
+            "setups": list(spec.setups),
+            "seeds": list(spec.seeds),
+            "match": spec.match,
+            "sweep_epsilons": list(spec.sweep_epsilons),
+            "num_sites": spec.num_sites,
+            "data_dir": str(spec.data_dir),
+            "site_options": dict(spec.site_options),
+            "base_config": spec.base.to_run_config(),
+        }
+        self._write()
+
+    def update(self, run: PlannedRun, *, state: str, seconds: float | None = None) -> None:
+        entry = self.runs[run.label()]
+        entry["state"] = state
+        if seconds is not None:
+            entry["seconds"] = round(seconds, 1)
+        self._write()
+
+    def _read(self) -> dict[str, dict]:
+        if not self.path.is_file():
+            return {}
+        try:
+            return {r["folder"]: r for r in json.loads(self.path.read_text())["runs"]}
+        except (json.JSONDecodeError, KeyError, TypeError):
+            log.warning("%s is unreadable; it is rewritten from the current plan", self.path)
+            return {}
+
+    def _write(self) -> None:
+        atomic.write_json(self.path, {**self.header, "runs": list(self.runs.values())})
+
+
+# ----- progress -----------------------------------------------------------------------------
+
+
+class RunProgress:
+    """A tqdm bar over the rounds of one run, advanced from the run folder's ``rounds.csv``.
+
+    :meth:`poll` is cheap to call on every log line: it rereads ``rounds.csv`` at most once
+    per :data:`POLL_SECONDS`. Reading the file rather than parsing log lines keeps the bar
+    true to what the server has saved.
+    """
+
+    POLL_SECONDS = 1.0
+
+    def __init__(self, folder: Path, *, total: int, label: str) -> None:
+        self.rounds_file = Path(folder) / results.ROUNDS_FILE
+        self.total = total
+        self.label = label
+        self._last_poll = 0.0
+        self._bar = None
+
+    def __enter__(self) -> "RunProgress":
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=self.total, desc=self.label, unit="round", leave=True)
+        self._bar.update(self.rounds_done())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.poll(force=True)
+        self._bar.close()
+
+    def poll(self, line: str = "", *, force: bool = False) -> None:
+        """Advance the bar to the number of rounds saved so far."""
+        now = time.monotonic()
+        if self._bar is None or (not force and now - self._last_poll < self.POLL_SECONDS):
+            return
+        self._last_poll = now
+        done = self.rounds_done()
+        if done > self._bar.n:
+            self._bar.update(done - self._bar.n)
+
+    def rounds_done(self) -> int:
+        """Return the number of distinct ``server_round`` values in ``rounds.csv``."""
+        try:
+            with open(self.rounds_file, newline="", encoding="utf-8") as handle:
+                return len({row["server_round"] for row in csv.DictReader(handle)})
+        except (FileNotFoundError, KeyError):
+            return 0
+
+
+class TimeLeft:
+    """Estimate the time left of a comparison from the runs measured so far.
+
+    Estimate: mean seconds of the runs executed in this invocation times the runs still
+    to do. Skipped and failed runs count as done and do not enter the mean.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.done = 0
+        self.seconds: list[float] = []
+
+    def skip(self) -> None:
+        """Count a run that needed no time (finished earlier, or failed)."""
+        self.done += 1
+
+    def finished(self, seconds: float) -> None:
+        """Count a run executed now that took ``seconds``."""
+        self.done += 1
+        self.seconds.append(seconds)
+
+    def describe(self) -> str:
+        """Return e.g. ``about 3 min 20 s left for 4 runs (mean 50 s per run)``."""
+        remaining = self.total - self.done
+        if remaining == 0:
+            return "all runs done"
+        if not self.seconds:
+            return f"{remaining} runs left"
+        mean = sum(self.seconds) / len(self.seconds)
+        return (
+            f"about {_format_duration(mean * remaining)} left for {remaining} runs "
+            f"(estimate: mean {mean:.0f} s per run so far)"
+        )
+
+
+def _format_duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours} h {minutes} min"
+    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
+
+
+# ----- report -------------------------------------------------------------------------------
+
+
+def write_report(outputs: Path) -> list[Path]:
+    """Rebuild every table and figure of ``outputs/comparison`` from the saved run folders.
+
+    Returns the files written. Raises ValueError when no run under ``outputs`` has finished.
+    """
+    from simulations.plots import write_plots
+
+    outputs = Path(outputs)
+    rounds = load_outputs(outputs)
+    if rounds.empty:
+        raise ValueError(
+            f"no finished run under {outputs}; expected run folders such as "
+            f"{outputs / METHOD_FOLDERS['rs'] / 'iid-seed0'} (run `dpfedseg compare --out "
+            f"{outputs}` first)"
+        )
+    folder = outputs / COMPARISON_DIR
+    table = summarize(final_per_run(rounds))
+    atomic.write_csv(folder / SUMMARY_CSV, table)
+    figures = write_plots(rounds, folder)
+    text = "\n".join(
+        [
+            "# RS vs AC comparison: summary\n",
+            summary_markdown(table),
+            "## Claims\n",
+            claims_markdown(claims(table)),
+            "## Figures\n",
+            *[f"- [{p.name}]({p.name})" for p in figures],
+            "",
+        ]
+    )
+    atomic.write_text(folder / SUMMARY_MD, text)
+    log.info("report written to %s (%d runs)", folder, len(rounds.groupby(["method", "setup",
+             "sweep_epsilon", "seed"], dropna=False)))
+    return [*figures, folder / SUMMARY_CSV, folder / SUMMARY_MD]
