@@ -1,12 +1,163 @@
-"""``dpfedseg sites``: split a dataset into simulated hospital sites."""
+"""``dpfedseg sites``: split a dataset into simulated hospital sites.
+
+Reads DATA (a dataset folder, an RSNA label folder without images, or a records CSV),
+partitions it with :func:`common.sites.partition_records`, prints the per-site summary
+and writes the manifest, its summary, its JSON sidecar and the partition plot.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from common.sites import SETUPS, SiteSettings, partition_records, read_records_csv, rsna_metadata_frame, write_manifest
+from common.sites.frames import RSNA_LABELS_FILE
+from common.sites.settings import ATTRIBUTES, HOLDOUT_SITE, HOLDOUT_SPLIT, SIZE_DISTRIBUTIONS
+
+log = logging.getLogger(__name__)
+
+RSNA_IMAGES_DIR = "stage_2_train_images"
+
+OPTION_SETUPS = {
+    "alpha": ("label-skew", "quantity-skew"),
+    "attribute": ("attribute",),
+    "purity": ("attribute",),
+    "size_distribution": ("quantity-skew",),
+    "power_exponent": ("quantity-skew",),
+    "site_column": ("column",),
+    "style_strength": ("scanner-shift",),
+}
+"""Options that only some setups read; giving one to another setup is an error, so a
+setting never looks applied when it is not."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "sites", help="partition a dataset into sites with train/val/test splits (manifest CSV)"
+        "sites",
+        help="partition a dataset into sites with train/val/test splits (manifest CSV)",
+        description=(
+            "Split DATA into simulated hospital sites, each with patient-level train/val/test "
+            "splits, and write MANIFEST.csv (one row per image), MANIFEST.summary.csv, "
+            "MANIFEST.json (settings) and MANIFEST.png (plot)."
+        ),
     )
-    parser.set_defaults(func=lambda args: parser.print_help())
+    parser.add_argument(
+        "data", metavar="DATA",
+        help="dataset folder (RSNA layout or images/masks), RSNA label folder without images, "
+        "or a records CSV (patient_id, target, optional ViewPosition, PatientSex, PatientAge, class_name)",
+    )
+    parser.add_argument("--setup", required=True, choices=SETUPS, help="how the sites differ")
+    parser.add_argument("--sites", type=int, help="number of sites (column: taken from the data)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
+    parser.add_argument("--out", required=True, type=Path, metavar="MANIFEST.csv", help="manifest path")
+    parser.add_argument("--alpha", type=float, help="Dirichlet concentration (label-skew, quantity-skew; default 0.5)")
+    parser.add_argument("--min-site-size", type=int, help="fewest images a site may have (default 20)")
+    parser.add_argument("--attribute", choices=tuple(ATTRIBUTES), help="attribute that dominates each site")
+    parser.add_argument(
+        "--purity", type=float,
+        help="share of a site's images with its dominant attribute value, in (0.5, 1] (default 0.8)",
+    )
+    parser.add_argument("--size-distribution", choices=SIZE_DISTRIBUTIONS, help="quantity-skew site sizes (default dirichlet)")
+    parser.add_argument("--power-exponent", type=float, help="power-law exponent a of shares (rank+1)^-a (default 1)")
+    parser.add_argument("--site-column", help="records column naming the site (column setup)")
+    parser.add_argument("--split", metavar="RATIOS", help="train,val,test shares per site (default 0.7,0.15,0.15)")
+    parser.add_argument("--holdout", type=float, metavar="FRACTION", help="share of patients held out as a global test set (default 0)")
+    parser.add_argument("--batch-size", type=int, help="expected Poisson batch size per site, for the warnings (default 8)")
+    parser.add_argument("--style-strength", type=float, help="scanner-shift style strength, 0 = neutral (default 1)")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    parser.set_defaults(func=run_sites)
+
+
+def run_sites(args: argparse.Namespace) -> int:
+    """Partition DATA as the arguments say, print the summary and write the files."""
+    settings = settings_from_args(args)
+    frame, source = load_records(Path(args.data))
+    partition = partition_records(frame, settings, source=source)
+    print(format_summary(partition.summary))
+    files = write_manifest(partition, args.out, source=str(args.data))
+    log.info("wrote manifest %s, summary %s and settings %s", files.manifest, files.summary, files.sidecar)
+    if not args.no_plot:
+        from simulations.site_plots import save_partition_plot
+
+        title = f"{settings.setup}, {partition.num_sites} sites, seed {settings.seed}"
+        plot = save_partition_plot(partition.summary, args.out.with_suffix(".png"), title=title)
+        log.info("wrote partition plot %s", plot)
+    return 0
+
+
+def settings_from_args(args: argparse.Namespace) -> SiteSettings:
+    """Build the :class:`SiteSettings`, rejecting options the chosen setup would ignore."""
+    given = {name: getattr(args, name) for name in OPTION_SETUPS if getattr(args, name) is not None}
+    for name in given:
+        if args.setup not in OPTION_SETUPS[name]:
+            raise ValueError(
+                f"--{name.replace('_', '-')} applies to --setup {' or '.join(OPTION_SETUPS[name])}, "
+                f"not {args.setup}; remove it"
+            )
+    distribution = given.get("size_distribution", "dirichlet")
+    if args.setup == "quantity-skew" and distribution == "power" and "alpha" in given:
+        raise ValueError("--alpha applies to --size-distribution dirichlet, not power; remove it")
+    if args.setup == "quantity-skew" and distribution == "dirichlet" and "power_exponent" in given:
+        raise ValueError("--power-exponent applies to --size-distribution power; add it or remove --power-exponent")
+    options = dict(given)
+    optional = {
+        "min_site_size": args.min_site_size,
+        "holdout_fraction": args.holdout,
+        "expected_batch_size": args.batch_size,
+        "split_ratios": None if args.split is None else parse_ratios(args.split),
+    }
+    options.update({k: v for k, v in optional.items() if v is not None})
+    return SiteSettings(setup=args.setup, num_sites=args.sites, seed=args.seed, **options)
+
+
+def parse_ratios(text: str) -> tuple[float, float, float]:
+    """Parse ``"0.7,0.15,0.15"`` into three floats (checked further by SiteSettings)."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"--split must be three numbers train,val,test like 0.7,0.15,0.15; got {text!r}") from None
+    if len(values) != 3:
+        raise ValueError(f"--split must be three numbers train,val,test like 0.7,0.15,0.15; got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def load_records(data: Path) -> tuple[pd.DataFrame, str]:
+    """Return the records frame of ``data`` and the name to use for it in messages.
+
+    A ``.csv`` file is a records table. A folder with the RSNA labels file but no image
+    folder is read from its label, class and header files. Any other folder goes to the
+    dataset reader of ``common.data``; while that module is missing, an RSNA folder
+    falls back to its label files (no attributes without the header table).
+    """
+    if not data.exists():
+        raise FileNotFoundError(f"DATA {data} not found; give a dataset folder or a records CSV")
+    if data.is_file():
+        if data.suffix.lower() != ".csv":
+            raise ValueError(f"DATA {data} is a file but not a .csv records table")
+        return read_records_csv(data), str(data)
+    rsna_labels = (data / RSNA_LABELS_FILE).is_file()
+    if rsna_labels and not (data / RSNA_IMAGES_DIR).is_dir():
+        return rsna_metadata_frame(data), str(data)
+    try:
+        from common.data import load_dataset
+    except ModuleNotFoundError as error:
+        if error.name not in ("common.data", "common"):
+            raise
+        if not rsna_labels:
+            raise RuntimeError(
+                f"DATA {data}: reading an image folder needs common.data, which is not installed"
+            ) from None
+        log.warning("common.data is not available: reading only the label files of %s", data)
+        return rsna_metadata_frame(data), str(data)
+    return load_dataset(data).frame(), str(data)
+
+
+def format_summary(summary: pd.DataFrame) -> str:
+    """Return the summary transposed (one column per site) with 3-decimal shares."""
+    names = [HOLDOUT_SPLIT if s == HOLDOUT_SITE else f"site {s}" for s in summary["site"]]
+    table = summary.drop(columns="site").set_axis(names, axis=0).T
+    return table.to_string(float_format=lambda v: f"{v:.3f}", na_rep="-")
