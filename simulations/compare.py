@@ -136,6 +136,24 @@ class CompareSpec:
         bad = [e for e in self.sweep_epsilons if not (e > 0 and math.isfinite(e))]
         if bad:
             raise ValueError(f"target epsilons must be finite and > 0; got {bad}")
+        for setup in self.setups:
+            # Builds and discards the settings so a bad setup or option fails before any run.
+            self.site_settings(setup, self.seeds[0])
+
+    def site_settings(self, setup: str, seed: int):
+        """Return the ``SiteSettings`` of ``setup`` and ``seed``; raise ValueError if invalid."""
+        from common.sites import SiteSettings
+
+        try:
+            return SiteSettings(
+                setup=setup,
+                num_sites=self.base.num_sites,
+                seed=seed,
+                expected_batch_size=self.base.batch_size,
+                **self.site_options,
+            )
+        except TypeError as error:
+            raise ValueError(f"invalid site option: {error}") from None
 
     @property
     def num_sites(self) -> int:
@@ -229,25 +247,66 @@ def _same_value(saved: Any, wanted: Any) -> bool:
     return str(saved) == str(wanted)
 
 
+class ManifestBuilder:
+    """Write and reuse the sites manifest of each setup and seed (``manifests/<setup>-seed<k>.csv``).
+
+    All methods of one setup and seed share the manifest, so they train on the same sites
+    with the same sample rates. The dataset's records are read once per comparison. An
+    existing manifest is reused only when its saved partition settings equal the
+    requested ones.
+    """
+
+    def __init__(self) -> None:
+        self._frames: dict[Path, Any] = {}
+
+    def __call__(self, spec: CompareSpec, setup: str, seed: int) -> Path:
+        from common.sites import partition_records, read_manifest_sidecar, write_manifest
+
+        path = Path(spec.outputs) / MANIFEST_DIR / f"{setup}-seed{seed}.csv"
+        settings = spec.site_settings(setup, seed)
+        if path.is_file():
+            saved = (read_manifest_sidecar(path) or {}).get("settings")
+            wanted = json.loads(json.dumps(settings.to_dict()))
+            if saved != wanted:
+                raise ValueError(
+                    f"manifest {path} was made with other partition settings (saved {saved}, "
+                    f"requested {wanted}); choose another --out folder or delete it"
+                )
+            return path
+        frame = self._records(Path(spec.data_dir))
+        files = write_manifest(partition_records(frame, settings, source=str(spec.data_dir)),
+                               path, source=str(spec.data_dir))
+        log.info("wrote the %s manifest for seed %d: %s", setup, seed, files.manifest)
+        return files.manifest
+
+    def _records(self, data_dir: Path):
+        if data_dir not in self._frames:
+            from common.data import load_dataset
+
+            self._frames[data_dir] = load_dataset(data_dir).frame()
+        return self._frames[data_dir]
+
+
 # ----- the comparison loop --------------------------------------------------------------------
 
 
 def run_comparison(
     spec: CompareSpec,
     *,
-    prepare_manifest: Callable[[CompareSpec, str, int], Path],
+    prepare_manifest: Callable[[CompareSpec, str, int], Path] | None = None,
     runner: Runner | None = None,
 ) -> list[Path]:
     """Run every planned run not finished yet, then write the report; return the report files.
 
     ``prepare_manifest(spec, setup, seed)`` returns the sites manifest of one setup and seed
-    (shared by all methods). ``runner`` runs one federated job
+    (a :class:`ManifestBuilder` by default). ``runner`` runs one federated job
     (:func:`simulations.flower_run.run_federated` by default). A failing run is logged and
     the others go on; the report covers the finished runs, then RuntimeError names the
     failed ones.
     """
     if runner is None:
         from simulations.flower_run import run_federated as runner
+    prepare_manifest = prepare_manifest or ManifestBuilder()
     plan = plan_runs(spec)
     ledger = _PlanFile(spec, plan)
     timer = TimeLeft(len(plan))
