@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+# Only the light settings module at import time: `dpfedseg --help` must not load pandas.
+from common.sites.settings import ATTRIBUTES, HOLDOUT_SITE, HOLDOUT_SPLIT, SETUPS, SIZE_DISTRIBUTIONS, SiteSettings
 
-from common.sites import SETUPS, SiteSettings, partition_records, read_records_csv, rsna_metadata_frame, write_manifest
-from common.sites.frames import RSNA_LABELS_FILE
-from common.sites.settings import ATTRIBUTES, HOLDOUT_SITE, HOLDOUT_SPLIT, SIZE_DISTRIBUTIONS
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_sites(args: argparse.Namespace) -> int:
     """Partition DATA as the arguments say, print the summary and write the files."""
+    from common.sites import partition_records, write_manifest
+
     settings = settings_from_args(args)
+    if args.out.suffix.lower() != ".csv":
+        raise ValueError(f"--out must be a .csv path; got {args.out}")
     frame, source = load_records(Path(args.data))
     partition = partition_records(frame, settings, source=source)
     print(format_summary(partition.summary))
@@ -130,29 +135,20 @@ def load_records(data: Path) -> tuple[pd.DataFrame, str]:
 
     A ``.csv`` file is a records table. A folder with the RSNA labels file but no image
     folder is read from its label, class and header files. Any other folder goes to the
-    dataset reader of ``common.data``; while that module is missing, an RSNA folder
-    falls back to its label files (no attributes without the header table).
+    dataset reader of ``common.data``, which reads the attributes from the DICOM headers.
     """
+    from common.sites.frames import RSNA_LABELS_FILE, read_records_csv, rsna_metadata_frame
+
     if not data.exists():
         raise FileNotFoundError(f"DATA {data} not found; give a dataset folder or a records CSV")
     if data.is_file():
         if data.suffix.lower() != ".csv":
             raise ValueError(f"DATA {data} is a file but not a .csv records table")
         return read_records_csv(data), str(data)
-    rsna_labels = (data / RSNA_LABELS_FILE).is_file()
-    if rsna_labels and not (data / RSNA_IMAGES_DIR).is_dir():
+    if (data / RSNA_LABELS_FILE).is_file() and not (data / RSNA_IMAGES_DIR).is_dir():
         return rsna_metadata_frame(data), str(data)
-    try:
-        from common.data import load_dataset
-    except ModuleNotFoundError as error:
-        if error.name not in ("common.data", "common"):
-            raise
-        if not rsna_labels:
-            raise RuntimeError(
-                f"DATA {data}: reading an image folder needs common.data, which is not installed"
-            ) from None
-        log.warning("common.data is not available: reading only the label files of %s", data)
-        return rsna_metadata_frame(data), str(data)
+    from common.data import load_dataset
+
     return load_dataset(data).frame(), str(data)
 
 

@@ -6,43 +6,51 @@ AP vs PA films, sex, age band) and scanner appearance (``scanner-shift``); ``col
 uses a site column the data already has. :func:`partition` returns the manifest (one
 row per image) and a per-site summary; :func:`write_manifest` and :func:`read_manifest`
 store and load it.
+
+The names below load their module on first use (PEP 562), so that importing the
+light settings module, as ``dpfedseg --help`` does, does not import pandas.
 """
 
-from common.sites.frames import AGE_BANDS, read_records_csv, rsna_metadata_frame, validate_records
-from common.sites.manifest import (
-    ManifestFiles,
-    Partition,
-    read_manifest,
-    read_manifest_sidecar,
-    site_ids,
-    site_sizes,
-    site_style,
-    write_manifest,
-)
-from common.sites.partition import partition, partition_records
-from common.sites.settings import ATTRIBUTES, HOLDOUT_SITE, HOLDOUT_SPLIT, SETUPS, SPLITS, SiteSettings
-from common.sites.summary import summarize
+from __future__ import annotations
 
-__all__ = [
-    "AGE_BANDS",
-    "ATTRIBUTES",
-    "HOLDOUT_SITE",
-    "HOLDOUT_SPLIT",
-    "ManifestFiles",
-    "Partition",
-    "SETUPS",
-    "SPLITS",
-    "SiteSettings",
-    "partition",
-    "partition_records",
-    "read_manifest",
-    "read_manifest_sidecar",
-    "read_records_csv",
-    "rsna_metadata_frame",
-    "site_ids",
-    "site_sizes",
-    "site_style",
-    "summarize",
-    "validate_records",
-    "write_manifest",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "AGE_BANDS": "common.sites.frames",
+    "read_records_csv": "common.sites.frames",
+    "rsna_metadata_frame": "common.sites.frames",
+    "validate_records": "common.sites.frames",
+    "ManifestFiles": "common.sites.manifest",
+    "Partition": "common.sites.manifest",
+    "read_manifest": "common.sites.manifest",
+    "read_manifest_sidecar": "common.sites.manifest",
+    "site_ids": "common.sites.manifest",
+    "site_sizes": "common.sites.manifest",
+    "site_style": "common.sites.manifest",
+    "write_manifest": "common.sites.manifest",
+    "partition": "common.sites.partition",
+    "partition_records": "common.sites.partition",
+    "ATTRIBUTES": "common.sites.settings",
+    "HOLDOUT_SITE": "common.sites.settings",
+    "HOLDOUT_SPLIT": "common.sites.settings",
+    "SETUPS": "common.sites.settings",
+    "SPLITS": "common.sites.settings",
+    "SiteSettings": "common.sites.settings",
+    "summarize": "common.sites.summary",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -35,6 +35,10 @@ MAX_PLAUSIBLE_AGE = 120
 """Ages above this are kept but reported: the RSNA headers contain a few (148, 155 years)
 that are recording errors, and they fall into the last band."""
 
+UNKNOWN_CLASS_NAMES = ("", "Unknown")
+"""``class_name`` values that mean the class is unknown: empty here and in records CSVs,
+``"Unknown"`` from the dataset reader of ``common.data``."""
+
 RSNA_LABELS_FILE = "stage_2_train_labels.csv"
 RSNA_CLASS_FILE = "stage_2_detailed_class_info.csv"
 RSNA_HEADERS_FILE = "stage_2_train_dicom_headers.csv.gz"

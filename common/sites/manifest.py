@@ -178,6 +178,9 @@ def normalize_manifest(frame: pd.DataFrame, source: str) -> pd.DataFrame:
         manifest[AGE_COLUMN] = _integers(manifest[AGE_COLUMN], source, AGE_COLUMN, allow_missing=True)
     _normalize_styles(manifest, source)
     _check_rules(manifest, source)
+    if STYLE_COLUMNS["contrast"] in manifest.columns:
+        for site in sorted(manifest.loc[manifest["site"] >= 0, "site"].unique()):
+            _style_of_rows(manifest[manifest["site"] == site], f"{source}: site {site}")
     known = [c for c in COLUMN_ORDER if c in manifest.columns]
     return manifest[known + [c for c in manifest.columns if c not in known]]
 
@@ -218,8 +221,6 @@ def _normalize_styles(manifest: pd.DataFrame, source: str) -> None:
             _first_bad(manifest, numbers.isna() & (values != ""), source, column, "is not a number")
             values = numbers
         manifest[column] = values.astype(np.float64)
-    for site in sorted(manifest.loc[manifest["site"] >= 0, "site"].unique()):
-        _style_of_rows(manifest[manifest["site"] == site], f"{source}: site {site}")
 
 
 def site_ids(manifest: pd.DataFrame, site: int, split: str) -> list[str]:
@@ -283,6 +284,8 @@ def _check_site(manifest: pd.DataFrame, site: int) -> None:
 
 
 def _integers(values: pd.Series, source: str, column: str, *, allow_missing: bool = False) -> pd.Series:
+    if pd.api.types.is_integer_dtype(values) and (allow_missing or not values.isna().any()):
+        return values.astype("Int64" if allow_missing else np.int64)
     text = clean_text(values)
     numbers = pd.to_numeric(text.where(text != ""), errors="coerce")
     whole = numbers.notna() & (numbers == np.floor(numbers))
@@ -296,7 +299,9 @@ def _first_bad(frame: pd.DataFrame, bad: pd.Series, source: str, column: str, pr
     if not bad.any():
         return
     row = int(np.flatnonzero(bad.to_numpy())[0])
+    value = frame[column].iloc[row]
+    value = value.item() if isinstance(value, np.generic) else value
     raise ValueError(
-        f"{source}: column {column!r}, data row {row + 1}: value {frame[column].iloc[row]!r} "
+        f"{source}: column {column!r}, data row {row + 1}: value {value!r} "
         f"{problem} ({int(bad.sum())} bad rows)"
     )

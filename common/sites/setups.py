@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from common.sites.allocation import deal, largest_remainder, stream_rng
+from common.sites.frames import UNKNOWN_CLASS_NAMES
 from common.sites.settings import SiteSettings
 from common.style import AcquisitionStyle
 
@@ -96,9 +97,11 @@ def label_strata(units: pd.DataFrame) -> np.ndarray:
     """Return the class each patient is skewed by: ``class_name`` when the records have
     classes, else ``target=<label>``; patients without a class fall back to their target."""
     fallback = "target=" + units["label"].astype(str)
-    if "class_name" not in units.columns or not (units["class_name"] != "").any():
+    if "class_name" not in units.columns:
         return fallback.to_numpy()
-    missing = units["class_name"] == ""
+    missing = units["class_name"].isin(UNKNOWN_CLASS_NAMES)
+    if missing.all():
+        return fallback.to_numpy()
     if missing.any():
         log.warning(
             "%d of %d patients have no class_name; label-skew treats them by target instead",
