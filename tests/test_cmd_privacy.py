@@ -1,0 +1,118 @@
+"""``dpfedseg privacy``: the printed epsilons and noise multipliers are the library's values."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from common.privacy.accounting import ACCOUNTANT_LABELS, calibrate_noise_multiplier, compute_epsilon
+from common.privacy.ledger import LedgerEntry
+from simulations.cli import main
+from simulations.cmd_privacy import round_up
+
+DELTA = 1e-5
+MECHANISM = ["--sample-rate", "0.01", "--steps", "1000", "--delta", "1e-5"]
+
+
+@pytest.fixture(autouse=True)
+def restore_root_logging():
+    """Undo the root handler ``main`` installs, which writes to this test's captured stderr."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    for handler in handlers:
+        if getattr(handler, "_dpfedseg", False):
+            root.removeHandler(handler)
+    yield
+    root.handlers[:] = [h for h in handlers if not getattr(h, "_dpfedseg", False)]
+    root.setLevel(level)
+
+
+def table_rows(output: str) -> dict[str, tuple[str, str]]:
+    """Map accountant name to (epsilon text, label) from the printed table."""
+    lines = output.splitlines()
+    header = lines.index(next(line for line in lines if line.startswith("accountant")))
+    rows = {}
+    for line in lines[header + 1 :]:
+        name, epsilon, label = line.split(maxsplit=2)
+        rows[name] = (epsilon, label)
+    return rows
+
+
+def test_epsilon_table_matches_accountants(capsys):
+    assert main(["privacy", *MECHANISM, "--noise-multiplier", "1.0"]) == 0
+    output = capsys.readouterr().out
+    rows = table_rows(output)
+    entries = [LedgerEntry(1.0, 0.01, 1000)]
+    assert list(rows) == ["rdp", "prv", "pld"]
+    for name, (epsilon, label) in rows.items():
+        expected = compute_epsilon(entries, delta=DELTA, accountant=name)
+        assert epsilon == f"{round_up(expected):.4f}", name
+        assert label == ACCOUNTANT_LABELS[name]
+    assert rows["rdp"][0] == "2.1014"
+    assert "noise_multiplier 1.0000, sample_rate 0.01, steps 1000, delta 1e-05" in output
+
+
+def test_json_output_is_unrounded(capsys):
+    assert main(["privacy", *MECHANISM, "--noise-multiplier", "1.0", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    entries = [LedgerEntry(1.0, 0.01, 1000)]
+    assert result["noise_multiplier"] == 1.0
+    assert result["calibration_accountant"] is None
+    for row in result["epsilons"]:
+        expected = compute_epsilon(entries, delta=DELTA, accountant=row["accountant"])
+        assert row["epsilon"] == expected
+        assert row["delta"] == DELTA
+
+
+def test_target_epsilon_prints_calibrated_sigma(capsys):
+    assert main(["privacy", *MECHANISM, "--target-epsilon", "8", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    sigma = calibrate_noise_multiplier(target_epsilon=8.0, delta=DELTA, sample_rate=0.01, steps=1000)
+    assert result["noise_multiplier"] == sigma
+    assert result["calibration_accountant"] == "rdp"
+    epsilons = {row["accountant"]: row["epsilon"] for row in result["epsilons"]}
+    assert epsilons["rdp"] <= 8.0
+    assert epsilons["pld"] <= epsilons["rdp"]
+
+
+def test_calibrated_sigma_rounds_up():
+    result = {
+        "noise_multiplier": 0.61751,
+        "sample_rate": 0.01,
+        "steps": 1000,
+        "delta": DELTA,
+        "target_epsilon": 8.0,
+        "calibration_accountant": "rdp",
+        "epsilons": [{"accountant": "rdp", "label": "RDP", "epsilon": 7.90001, "delta": DELTA}],
+    }
+    from simulations.cmd_privacy import format_result
+
+    text = format_result(result)
+    assert "calibrated noise_multiplier 0.6176 keeps epsilon <= 8 (rdp accountant)" in text
+    assert table_rows(text)["rdp"][0] == "7.9001"
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--noise-multiplier", "1.0", "--target-epsilon", "8"], "give exactly one of"),
+        ([], "give exactly one of"),
+    ],
+)
+def test_noise_and_target_are_exclusive(capsys, arguments, message):
+    assert main(["privacy", *MECHANISM, *arguments]) == 1
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sample_rate", ["0", "1.5", "-0.1"])
+def test_sample_rate_out_of_range(capsys, sample_rate):
+    arguments = ["privacy", "--sample-rate", sample_rate, "--steps", "10", "--noise-multiplier", "1"]
+    assert main(arguments) == 1
+    assert f"--sample-rate must lie in (0.0, 1.0]; got {float(sample_rate)}" in capsys.readouterr().err
+
+
+def test_zero_noise_multiplier_rejected(capsys):
+    assert main(["privacy", *MECHANISM, "--noise-multiplier", "0"]) == 1
+    assert "--noise-multiplier must lie in (0.0, inf]; got 0.0" in capsys.readouterr().err
