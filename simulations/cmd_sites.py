@@ -54,26 +54,62 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--sites", type=int, help="number of sites (column: taken from the data)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
     parser.add_argument("--out", required=True, type=Path, metavar="MANIFEST.csv", help="manifest path")
-    parser.add_argument("--alpha", type=float, help="Dirichlet concentration (label-skew, quantity-skew; default 0.5)")
-    parser.add_argument("--min-site-size", type=int, help="fewest images a site may have (default 20)")
-    parser.add_argument("--attribute", choices=tuple(ATTRIBUTES), help="attribute that dominates each site")
-    parser.add_argument(
-        "--purity", type=float,
-        help="share of a site's images with its dominant attribute value, in (0.5, 1] (default 0.8)",
-    )
-    parser.add_argument("--size-distribution", choices=SIZE_DISTRIBUTIONS, help="quantity-skew site sizes (default dirichlet)")
-    parser.add_argument("--power-exponent", type=float, help="power-law exponent a of shares (rank+1)^-a (default 1)")
-    parser.add_argument("--site-column", help="records column naming the site (column setup)")
-    parser.add_argument("--split", metavar="RATIOS", help="train,val,test shares per site (default 0.7,0.15,0.15)")
-    parser.add_argument("--holdout", type=float, metavar="FRACTION", help="share of patients held out as a global test set (default 0)")
-    parser.add_argument("--batch-size", type=int, help="expected Poisson batch size per site, for the warnings (default 8)")
-    parser.add_argument("--style-strength", type=float, help="scanner-shift style strength, 0 = neutral (default 1)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    _add_setup_options(parser)
+    _add_split_options(parser)
     parser.set_defaults(func=run_sites)
 
 
+def _add_setup_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--alpha", type=float,
+        help=f"Dirichlet concentration, label-skew and quantity-skew (default {_default('alpha')})",
+    )
+    parser.add_argument(
+        "--min-site-size", type=int,
+        help=f"minimum number of images per site (default {_default('min_site_size')})",
+    )
+    parser.add_argument("--attribute", choices=tuple(ATTRIBUTES), help="attribute that dominates each site")
+    parser.add_argument(
+        "--purity", type=float,
+        help="share of a site's patients with its dominant attribute value, in (0.5, 1] "
+        f"(default {_default('purity')})",
+    )
+    parser.add_argument(
+        "--size-distribution", choices=SIZE_DISTRIBUTIONS,
+        help=f"quantity-skew site sizes (default {_default('size_distribution')})",
+    )
+    parser.add_argument(
+        "--power-exponent", type=float,
+        help=f"exponent a of the power-law size shares (rank+1)^-a (default {_default('power_exponent')})",
+    )
+    parser.add_argument("--site-column", help="records column naming the site (column setup)")
+    parser.add_argument(
+        "--style-strength", type=float,
+        help=f"scanner-shift style strength, 0 = neutral (default {_default('style_strength')})",
+    )
+
+
+def _add_split_options(parser: argparse.ArgumentParser) -> None:
+    ratios = ",".join(f"{r:g}" for r in _default("split_ratios"))
+    parser.add_argument("--split", metavar="RATIOS", help=f"train,val,test shares per site (default {ratios})")
+    parser.add_argument(
+        "--holdout", type=float, metavar="FRACTION",
+        help=f"share of patients held out as a global test set (default {_default('holdout_fraction')})",
+    )
+    parser.add_argument(
+        "--batch-size", type=int,
+        help="expected Poisson batch size per site, used by the warnings and the summary's "
+        f"sample_rate (default {_default('expected_batch_size')})",
+    )
+
+
+def _default(name: str):
+    return SiteSettings.__dataclass_fields__[name].default
+
+
 def run_sites(args: argparse.Namespace) -> int:
-    """Partition DATA as the arguments say, print the summary and write the files."""
+    """Partition DATA with the requested settings, print the summary and write the files."""
     from common.sites import partition_records, write_manifest
 
     settings = settings_from_args(args)
@@ -95,19 +131,19 @@ def run_sites(args: argparse.Namespace) -> int:
 
 def settings_from_args(args: argparse.Namespace) -> SiteSettings:
     """Build the :class:`SiteSettings`, rejecting options the chosen setup would ignore."""
-    given = {name: getattr(args, name) for name in OPTION_SETUPS if getattr(args, name) is not None}
-    for name in given:
+    explicit = {name: getattr(args, name) for name in OPTION_SETUPS if getattr(args, name) is not None}
+    for name in explicit:
         if args.setup not in OPTION_SETUPS[name]:
             raise ValueError(
                 f"--{name.replace('_', '-')} applies to --setup {' or '.join(OPTION_SETUPS[name])}, "
                 f"not {args.setup}; remove it"
             )
-    distribution = given.get("size_distribution", "dirichlet")
-    if args.setup == "quantity-skew" and distribution == "power" and "alpha" in given:
+    distribution = explicit.get("size_distribution", "dirichlet")
+    if args.setup == "quantity-skew" and distribution == "power" and "alpha" in explicit:
         raise ValueError("--alpha applies to --size-distribution dirichlet, not power; remove it")
-    if args.setup == "quantity-skew" and distribution == "dirichlet" and "power_exponent" in given:
+    if args.setup == "quantity-skew" and distribution == "dirichlet" and "power_exponent" in explicit:
         raise ValueError("--power-exponent applies to --size-distribution power; add it or remove --power-exponent")
-    options = dict(given)
+    options = dict(explicit)
     optional = {
         "min_site_size": args.min_site_size,
         "holdout_fraction": args.holdout,

@@ -39,7 +39,8 @@ def test_cli_writes_manifest_summary_sidecar_and_plot(records_csv, tmp_path, cap
     assert (tmp_path / "sites" / "m.summary.csv").is_file()
     assert (tmp_path / "sites" / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
-    assert "site 0" in printed and "holdout" in printed
+    assert "site 0" in printed
+    assert "holdout" in printed
     assert "positive_rate" in printed
 
 

@@ -140,6 +140,7 @@ def _drop(column):
         (_set_site("style_contrast", "0", "-1"), "site 0: invalid style: contrast must be > 0; got -1.0"),
         (_drop("style_blur_sigma"), "style columns come together; missing style_blur_sigma"),
         (_set("patient_id", 0, ""), "column 'patient_id', data row 1: value '' is empty"),
+        (_set_site("site", "1", "3"), r"must number the sites 0..K-1 without gaps; found \[0, 2, 3\]"),
     ],
 )
 def test_read_manifest_rejects_bad_files(written, tmp_path, change, message):

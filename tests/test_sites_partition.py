@@ -7,6 +7,9 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from common.sites import AGE_BANDS, HOLDOUT_SITE, SiteSettings, partition
 from common.sites.setups import assign_sites, attribute_counts
@@ -162,9 +165,9 @@ def test_label_skew_large_alpha_approaches_iid():
 
 
 def test_label_skew_share_variance_matches_dirichlet():
-    """Each class's share at a site is Beta(alpha, (K - 1) alpha) with variance
-    (1/K)(1 - 1/K) / (K alpha + 1); 100 seeds x 2 classes x 4 sites estimate it within 20%
-    (the estimate's relative sd is about 8% here)."""
+    """Each class's share at a site is Beta(alpha, (K - 1) alpha), with variance
+    (1/K)(1 - 1/K) / (K alpha + 1). 100 seeds x 2 classes x 4 sites estimate it within 20%,
+    where the estimate's relative sd is about 8%."""
     units = pd.DataFrame({"label": np.repeat([1, 0], [800, 1200])})
     num_sites, alpha = 4, 2.0
     shares = []
@@ -207,7 +210,7 @@ def test_quantity_skew_keeps_minimum_and_positive_rate():
 
 
 def test_quantity_skew_too_few_patients():
-    with pytest.raises(ValueError, match="100 patients cannot fill 6 sites of at least 20 images"):
+    with pytest.raises(ValueError, match="100 patients cannot fill 6 sites of at least 20 patients"):
         partition(make_records(100), setup="quantity-skew", num_sites=6, seed=0)
 
 
@@ -256,6 +259,12 @@ def test_attribute_needs_a_site_per_value():
         partition(make_records(2000), setup="attribute", attribute="age-band", num_sites=3, seed=0)
 
 
+def test_attribute_needs_two_values():
+    frame = make_records(200, ap_share=0.0)
+    with pytest.raises(ValueError, match=r"attribute 'ViewPosition' has the single value \['PA'\]"):
+        partition(frame, setup="attribute", attribute="ViewPosition", num_sites=2, seed=0)
+
+
 def test_attribute_skips_rows_without_value(caplog):
     frame = make_records(400, seed=14)
     frame.loc[:9, "ViewPosition"] = ""
@@ -271,7 +280,7 @@ def test_attribute_missing_column():
         partition(frame, setup="attribute", attribute="age-band", num_sites=4, seed=0)
 
 
-def test_scanner_shift_styles_depend_on_seed_and_site_only():
+def test_scanner_styles_seeded_per_site():
     first = partition(make_records(300, seed=1), setup="scanner-shift", num_sites=3, seed=5)
     second = partition(make_records(900, seed=2), setup="scanner-shift", num_sites=3, seed=5)
     assert first.styles == second.styles
@@ -325,7 +334,7 @@ def test_column_setup_skips_rows_without_site(caplog):
     assert "skipped 6 rows with no hospital value" in caplog.text
 
 
-def test_min_site_size_error_names_site_size_and_setting():
+def test_min_site_size_error_message():
     frame = make_records(600, seed=16)
     options = {"setup": "label-skew", "num_sites": 8, "seed": 3, "alpha": 0.1}
     sizes = partition(frame, min_site_size=1, **options).summary.set_index("site")["images"]
@@ -444,3 +453,29 @@ def test_records_missing_columns():
 def test_settings_reject_bad_values(options, message):
     with pytest.raises(ValueError, match=message):
         SiteSettings(**options)
+
+
+@hypothesis_settings(max_examples=25, deadline=None)
+@given(
+    num_patients=st.integers(1, 60),
+    num_sites=st.integers(1, 5),
+    setup=st.sampled_from(["iid", "label-skew", "quantity-skew", "scanner-shift"]),
+    seed=st.integers(0, 2**16),
+    positive_rate=st.floats(0.0, 1.0),
+    max_images=st.integers(1, 3),
+)
+def test_partition_coverage_property(num_patients, num_sites, setup, seed, positive_rate, max_images):
+    frame = make_records(num_patients, seed=seed, positive_rate=positive_rate, max_images=max_images)
+    try:
+        result = partition(frame, setup=setup, num_sites=num_sites, seed=seed, min_site_size=1, holdout_fraction=0.2)
+    except ValueError as error:
+        # Small inputs may legitimately leave a site empty or without a training patient.
+        assert re.search("below the minimum site size|no training patient|cannot fill", str(error))
+        return
+    manifest = result.manifest
+    assert len(manifest) == len(frame)
+    assert sorted(manifest["image_id"] if max_images > 1 else manifest["patient_id"]) == sorted(
+        frame["image_id"] if max_images > 1 else frame["patient_id"]
+    )
+    assert manifest.groupby("patient_id")[["site", "split"]].nunique().max().max() == 1
+    assert sorted(set(manifest["site"]) - {HOLDOUT_SITE}) == list(range(num_sites))

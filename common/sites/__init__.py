@@ -2,8 +2,8 @@
 
 RSNA has no hospital field, so sites are simulated the ways hospitals differ: size
 (``quantity-skew``), disease prevalence (``label-skew``), patient mix (``attribute``:
-AP vs PA films, sex, age band) and scanner appearance (``scanner-shift``); ``column``
-uses a site column the data already has. :func:`partition` returns the manifest (one
+AP vs PA films, sex, age band) and scanner appearance (``scanner-shift``). The ``column``
+setup uses a site column the data already has. :func:`partition` returns the manifest (one
 row per image) and a per-site summary; :func:`write_manifest` and :func:`read_manifest`
 store and load it.
 

@@ -60,9 +60,9 @@ def validate_records(frame: pd.DataFrame, source: str) -> pd.DataFrame:
     """Return a cleaned copy of ``frame`` with the types of a records frame.
 
     Rows without a patient id or with a target other than 0/1 are skipped, counted and
-    reported in one warning each; a frame without any usable row is an error. Ages that
-    are not whole numbers >= 0 become missing (reported). ``source`` names the data in
-    messages.
+    reported in one warning per kind. A frame without any usable row is an error. Ages
+    that are not whole numbers >= 0 become missing and are reported. ``source`` names the
+    data in messages.
 
     Raises:
         ValueError: when a required column is missing or no row is usable.

@@ -96,7 +96,11 @@ def write_manifest(
         partition = partition_or_manifest
         manifest, summary = partition.manifest, partition.summary
         settings: dict[str, Any] | None = partition.settings.to_dict()
-        extra = {"warnings": list(partition.warnings), "dominant": partition.dominant}
+        extra = {
+            "warnings": list(partition.warnings),
+            "dominant": partition.dominant,
+            "site_names": partition.site_names,
+        }
     else:
         manifest = normalize_manifest(partition_or_manifest, "manifest frame")
         summary, settings, extra = summarize(manifest), None, {}
@@ -149,13 +153,16 @@ def read_manifest_sidecar(path: str | PathLike) -> dict[str, Any] | None:
 def normalize_manifest(frame: pd.DataFrame, source: str) -> pd.DataFrame:
     """Return ``frame`` with the manifest's column types, after checking every rule.
 
-    Types: ``patient_id``, ``split`` and the text columns are ``str`` (``""`` when
-    missing); ``site`` and ``target`` are ``int64``; ``PatientAge`` is ``Int64``; style
-    columns are ``float64`` (``NaN`` on held-out rows). Rules: ``split`` is one of
-    train/val/test/holdout; ``site`` is ``-1`` exactly on holdout rows and ``>= 0``
-    elsewhere; ``target`` is 0 or 1; no patient is in two (site, split) pairs; style
-    columns come all four or none, and each site has one valid style. Known columns come
-    first in :data:`~common.sites.columns.COLUMN_ORDER`, any others follow as text.
+    Types: ``patient_id``, ``split`` and the text columns become ``str`` with ``""`` for a
+    missing value. ``site`` and ``target`` become ``int64``, ``PatientAge`` ``Int64`` and
+    the style columns ``float64`` (``NaN`` on held-out rows).
+
+    Rules: ``split`` is one of train/val/test/holdout. ``site`` is ``-1`` exactly on
+    holdout rows and ``>= 0`` elsewhere, and the sites are numbered ``0..K-1`` without
+    gaps. ``target`` is 0 or 1. No patient is in two
+    (site, split) pairs. Style columns come all four or none, and each site has one valid
+    style. Known columns come first in :data:`~common.sites.columns.COLUMN_ORDER`, any
+    others follow as text.
 
     Raises:
         ValueError: naming ``source``, the column and the first bad data row.
@@ -195,6 +202,11 @@ def _check_rules(manifest: pd.DataFrame, source: str) -> None:
         manifest, wrong_site, source, "site",
         f"is invalid: held-out rows have site {HOLDOUT_SITE}, all other rows a site >= 0",
     )
+    sites = sorted(int(s) for s in manifest.loc[manifest["site"] >= 0, "site"].unique())
+    if sites != list(range(len(sites))):
+        raise ValueError(
+            f"{source}: column 'site' must number the sites 0..K-1 without gaps; found {sites}"
+        )
     groups = manifest.groupby("patient_id")[["site", "split"]].nunique().max(axis=1)
     if (groups > 1).any():
         patient = groups.index[groups > 1][0]

@@ -34,8 +34,8 @@ def partition(frame: pd.DataFrame, *, setup: str, **options) -> Partition:
     - ``quantity-skew``: sizes are ``min_site_size`` plus Dirichlet or power-law shares of
       the rest; positive rates stay equal.
     - ``attribute``: site ``k`` is dominated by value ``k mod V`` of the attribute
-      (values sorted); the mixing parameter is ``purity``, the share of a site's patients
-      carrying its dominant value, default 0.8. The other ``1 - purity`` follow the
+      (values sorted). The mixing parameter is ``purity`` (default 0.8): the share of a
+      site's patients that carry its dominant value. The other ``1 - purity`` follow the
       global mix of the other values. Purity is exact up to rounding by patients, and
       counted in patients (equal to images when each patient has one image).
     - ``scanner-shift``: ``iid`` sites plus one acquisition style per site, drawn from
@@ -114,7 +114,11 @@ def _setup_column(settings: SiteSettings) -> str | None:
 
 
 def _patient_units(records: pd.DataFrame, settings: SiteSettings, source: str) -> pd.DataFrame:
-    """Return one row per patient (sorted by id): its label, images and setup columns."""
+    """Return one row per patient (sorted by id): its label, images and setup columns.
+
+    A patient is positive when any of its images is. A patient whose images disagree on
+    the attribute takes the value of its first image.
+    """
     by_patient = records.groupby("patient_id", sort=True)
     units = pd.DataFrame({"label": by_patient["target"].max(), "images": by_patient.size()})
     if "class_name" in records.columns:

@@ -77,7 +77,7 @@ def quantity_skew_sizes(num_patients: int, settings: SiteSettings, rng: np.rando
     if spare < 0:
         raise ValueError(
             f"{num_patients} patients cannot fill {num_sites} sites of at least {floor} "
-            "images each; lower --min-site-size or --sites"
+            "patients each; lower --min-site-size or --sites"
         )
     if settings.size_distribution == "dirichlet":
         shares = rng.dirichlet(np.full(num_sites, settings.alpha))
@@ -207,6 +207,11 @@ def _assign_attribute(
 ) -> SiteAssignment:
     num_sites = int(settings.num_sites)
     values, codes = np.unique(units["value"].to_numpy(), return_inverse=True)
+    if values.size < 2:
+        raise ValueError(
+            f"attribute {settings.attribute!r} has the single value {values.tolist()} in these "
+            "records; an attribute split needs at least 2 values"
+        )
     matrix = attribute_counts(
         np.bincount(codes.ravel(), minlength=values.size), num_sites=num_sites,
         purity=settings.purity,

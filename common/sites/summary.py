@@ -17,18 +17,16 @@ log = logging.getLogger(__name__)
 MAX_SAMPLE_RATE = 0.25
 """Highest Poisson sample rate ``q = B / n_train`` that passes without a warning.
 
-Subsampling turns a step's privacy loss ``eps0`` into about ``log(1 + q (e^eps0 - 1))``
-(Balle, Barthe and Gaboardi, "Privacy Amplification by Subsampling", NeurIPS 2018,
-arXiv 1807.01647), which is close to ``q * eps0`` only while ``q`` is small. Above 0.25 each
-step sees more than a quarter of the site and an epoch is at most 4 steps, so most of the
-amplification is gone. In words: a site needs at least ``4 * B`` training images."""
+Poisson subsampling turns a step's privacy loss ``eps0`` into ``log(1 + q (e^eps0 - 1))``
+(Balle, Barthe and Gaboardi, "Privacy Amplification by Subsampling: Tight Analyses via
+Couplings and Divergences", NeurIPS 2018, arXiv 1807.01647). That is close to
+``q * eps0`` only while ``q`` is small. Above 0.25 each step samples more than a quarter of
+the site and an epoch has at most 4 steps, so most of the amplification is gone. In other
+words, a site needs at least ``4 * B`` training images."""
 
 MIN_EXPECTED_BATCH = 2.0
 """Smallest expected batch ``q * n_train = min(B, n_train)`` that passes without a warning:
 below it more than ``e^-2 = 14%`` of the Poisson batches are empty."""
-
-SUMMARY_COUNT_COLUMNS = ("images", "patients", *SPLITS, HOLDOUT_SPLIT, "positives")
-
 
 def summarize(
     manifest: pd.DataFrame,
@@ -38,12 +36,12 @@ def summarize(
 ) -> pd.DataFrame:
     """Return one row per site (held-out set last, as site -1) describing its data.
 
-    Columns: ``site``, ``site_name`` (when the manifest has it), ``dominant`` (when
-    given), the image counts ``images``, ``patients``, ``train``, ``val``, ``test``,
-    ``holdout``, ``positives``, then ``positive_rate`` (positive images / images),
-    ``val_positives``, ``sample_rate`` (``min(1, B / train)``, only with
-    ``expected_batch_size``), the attribute mix as ``<attribute>=<value>`` shares of the
-    site's images, and the style columns when the manifest has them.
+    The columns start with ``site``, ``site_name`` (when the manifest has it) and
+    ``dominant`` (when given). Counts follow: ``images``, ``patients``, ``train``, ``val``,
+    ``test``, ``holdout`` and ``positives``. Then come ``positive_rate`` (positive images /
+    images), ``val_positives`` and, with ``expected_batch_size``, ``sample_rate``
+    (``min(1, B / train)``). The attribute mix follows as ``<attribute>=<value>`` shares of
+    the site's images, and the style columns close the row when the manifest has them.
     """
     sites = sorted(manifest["site"].unique(), key=_site_order)
     by_site = manifest.groupby("site", sort=False)
