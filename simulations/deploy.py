@@ -39,7 +39,7 @@ from common import atomic
 from common.config import RunConfig
 from common.results import STATUS_FILE
 from common.runtime import configure_environment, project_root
-from simulations.certs import NodeKeyFiles, TlsFiles, generate_node_key, generate_tls
+from simulations.certs import TlsFiles, generate_node_key, generate_tls
 from simulations.flower_run import _ROUND_LINE, _strip_ansi, resolve_paths, write_run_config
 
 log = logging.getLogger(__name__)
@@ -410,7 +410,7 @@ def superlink_command(
 
     In Flower 1.42 one HTTP port serves the Fleet, Control and ServerAppIo APIs.
     """
-    command = [_tool("flower-superlink")]
+    command = [tool_path("flower-superlink")]
     command += _superlink_security(tls, supernode_auth)
     command += [
         "--host", LOOPBACK,
@@ -446,7 +446,7 @@ def supernode_command(
 
     ``port`` is the SuperNode's own ClientAppIo port, distinct per SuperNode on a host.
     """
-    command = [_tool("flower-supernode")]
+    command = [tool_path("flower-supernode")]
     command += ["--root-certificates", str(ca_cert)] if ca_cert else ["--insecure"]
     if auth_key is not None:
         command += ["--auth-supernode-private-key", str(auth_key)]
@@ -479,10 +479,10 @@ def write_flwr_config(flwr_home: Path, *, port: int, ca_cert: Path | None = None
 def flwr_run_command(config_file: Path, *, app_dir: Path | None = None) -> list[str]:
     """Return the ``flwr run`` command that submits the app (default: this project's) to the deployment."""
     app = app_dir or project_root()
-    return [_tool("flwr"), "run", str(app), CONNECTION, "--stream", "--run-config", str(config_file)]
+    return [tool_path("flwr"), "run", str(app), CONNECTION, "--stream", "--run-config", str(config_file)]
 
 
-def _tool(name: str) -> str:
+def tool_path(name: str) -> str:
     """Return the path of a Flower console script installed beside this Python."""
     path = Path(sys.executable).with_name(name)
     if not path.exists():
@@ -575,26 +575,19 @@ def _deploy(config, sites, group, workdir, env, *, tls, supernode_auth, deadline
     tls_files = generate_tls(workdir / "certs") if tls else None
     if tls_files is not None:
         log.info("TLS: CA certificate %s, server certificate %s", tls_files.ca_cert, tls_files.server_cert)
-    _remove_database(workdir / "state.db")
-    port = free_port()
-    superlink = group.start(
-        "superlink",
-        superlink_command(port=port, database=workdir / "state.db", tls=tls_files, supernode_auth=supernode_auth),
-        port=port,
+    superlink = start_superlink(
+        group, workdir, tls_files=tls_files, supernode_auth=supernode_auth,
+        timeout=min(READY_TIMEOUT, _left(deadline)),
     )
-    superlink.wait_for_port(min(READY_TIMEOUT, _left(deadline)))
     ca_cert = tls_files.ca_cert if tls_files else None
-    write_flwr_config(Path(env["FLWR_HOME"]), port=port, ca_cert=ca_cert)
-    keys = _register_supernodes(sites, workdir, env, deadline) if supernode_auth else {}
     supernodes = []
     for site in sites:
-        site.site_dir.mkdir(parents=True, exist_ok=True)
-        node_port = free_port()
-        command = supernode_command(
-            site, superlink_port=port, port=node_port, ca_cert=ca_cert,
-            auth_key=keys[site.site].private_key if keys else None,
+        key = None
+        if supernode_auth:
+            key = register_supernode(f"site-{site.site}", group, timeout=min(REGISTER_TIMEOUT, _left(deadline)))
+        supernodes.append(
+            start_supernode(group, site, superlink_port=superlink.port, ca_cert=ca_cert, auth_key=key)
         )
-        supernodes.append(group.start(f"supernode-{site.site}", command, port=node_port))
     for node in supernodes:
         node.wait_for_port(min(READY_TIMEOUT, _left(deadline)))
 
@@ -607,28 +600,68 @@ def _deploy(config, sites, group, workdir, env, *, tls, supernode_auth, deadline
     return _read_status(Path(config.output_dir), run, superlink)
 
 
-def _register_supernodes(sites, workdir: Path, env: dict, deadline: float) -> dict[int, NodeKeyFiles]:
-    """Create a key pair per site and register each public key with the SuperLink."""
-    keys = {}
-    for site in sites:
-        name = f"site-{site.site}"
-        keys[site.site] = generate_node_key(workdir / "keys", name)
-        command = [_tool("flwr"), "supernode", "register", str(keys[site.site].public_key), CONNECTION,
-                   "--name", name, "--format", "json"]
-        try:
-            done = subprocess.run(
-                command, env=env, cwd=workdir, capture_output=True, text=True,
-                timeout=min(REGISTER_TIMEOUT, _left(deadline)),
-            )
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f"registering {name}'s public key timed out") from None
-        if done.returncode != 0:
-            raise RuntimeError(
-                f"registering {name}'s public key {keys[site.site].public_key} failed "
-                f"(exit {done.returncode}):\n{_strip_ansi(done.stdout + done.stderr)[-3000:]}"
-            )
-        log.info("registered %s's public key %s", name, keys[site.site].public_key)
-    return keys
+def start_superlink(
+    group: ProcessGroup,
+    workdir: Path,
+    *,
+    tls_files: TlsFiles | None = None,
+    supernode_auth: bool = False,
+    timeout: float = READY_TIMEOUT,
+) -> ManagedProcess:
+    """Start a SuperLink with a fresh database on a free port and make it the default connection.
+
+    Returns once the port accepts connections. The connection is written to the group's
+    ``FLWR_HOME`` so that ``flwr`` commands run with the group's environment reach it.
+    """
+    database = workdir / "state.db"
+    _remove_database(database)
+    port = free_port()
+    command = superlink_command(port=port, database=database, tls=tls_files, supernode_auth=supernode_auth)
+    superlink = group.start("superlink", command, port=port)
+    superlink.wait_for_port(timeout)
+    ca_cert = tls_files.ca_cert if tls_files else None
+    write_flwr_config(Path(group.env["FLWR_HOME"]), port=port, ca_cert=ca_cert)
+    return superlink
+
+
+def register_supernode(name: str, group: ProcessGroup, *, timeout: float = REGISTER_TIMEOUT) -> Path:
+    """Create the key pair ``keys/<name>`` and register its public key; return the private key.
+
+    Runs ``flwr supernode register`` against the group's default connection, the way an
+    operator registers a hospital's public key with a SuperLink started with
+    ``--enable-supernode-auth``.
+    """
+    keys = generate_node_key(group.cwd / "keys", name)
+    command = [tool_path("flwr"), "supernode", "register", str(keys.public_key), CONNECTION,
+               "--name", name, "--format", "json"]
+    try:
+        done = subprocess.run(
+            command, env=group.env, cwd=group.cwd, capture_output=True, text=True, timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"registering {name}'s public key timed out after {timeout:.0f} s") from None
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"registering {name}'s public key {keys.public_key} failed "
+            f"(exit {done.returncode}):\n{_strip_ansi(done.stdout + done.stderr)[-3000:]}"
+        )
+    log.info("registered %s's public key %s", name, keys.public_key)
+    return keys.private_key
+
+
+def start_supernode(
+    group: ProcessGroup,
+    site: SiteSpec,
+    *,
+    superlink_port: int,
+    ca_cert: Path | None = None,
+    auth_key: Path | None = None,
+) -> ManagedProcess:
+    """Start the SuperNode of ``site`` on a free port (call ``wait_for_port`` on the result)."""
+    site.site_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    command = supernode_command(site, superlink_port=superlink_port, port=port, ca_cert=ca_cert, auth_key=auth_key)
+    return group.start(f"supernode-{site.site}", command, port=port)
 
 
 def _follow_run(run, superlink, supernodes, group, deadline, on_line) -> None:

@@ -1,0 +1,306 @@
+"""Real-process deployment: certificates, site plans, process hygiene, and Flower runs on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from simulations import deploy
+from simulations.certs import generate_node_key, generate_tls, san_entries
+
+
+# ----- certificates -------------------------------------------------------------------------
+
+
+def _load(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def test_server_cert_signed_by_ca(tmp_path):
+    files = generate_tls(tmp_path)
+    ca, server = _load(files.ca_cert), _load(files.server_cert)
+
+    server.verify_directly_issued_by(ca)
+    assert san_entries(server) == ["IP:127.0.0.1", "DNS:localhost"]
+    usage = server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usage) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
+    assert server.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+
+
+def test_server_cert_rejected_by_other_ca(tmp_path):
+    files = generate_tls(tmp_path / "a")
+    other = generate_tls(tmp_path / "b")
+
+    # Both CAs carry the same name, so only the signature check can tell them apart.
+    with pytest.raises(InvalidSignature):
+        _load(files.server_cert).verify_directly_issued_by(_load(other.ca_cert))
+
+
+def test_cert_san_for_custom_hosts(tmp_path):
+    files = generate_tls(tmp_path, hosts=["superlink.example.org", "10.0.0.5", "::1"])
+
+    assert san_entries(_load(files.server_cert)) == [
+        "IP:10.0.0.5", "IP:::1", "DNS:superlink.example.org",
+    ]
+
+
+def test_key_file_modes(tmp_path):
+    files = generate_tls(tmp_path)
+    node = generate_node_key(tmp_path, "site-0")
+
+    assert stat.S_IMODE(files.server_key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(node.private_key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(files.ca_cert.stat().st_mode) == 0o644
+    assert stat.S_IMODE(node.public_key.stat().st_mode) == 0o644
+
+
+def test_node_key_accepted_by_flower(tmp_path):
+    from flwr.cli.supernode.register import try_load_public_key
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+    node = generate_node_key(tmp_path, "site-0")
+    private = load_ssh_private_key(node.private_key.read_bytes(), None)
+
+    assert isinstance(private, ec.EllipticCurvePrivateKey)
+    assert private.curve.name == "secp384r1"
+    assert try_load_public_key(node.public_key) == public_key_to_bytes(private.public_key())
+
+
+@pytest.mark.parametrize("hosts, days", [([], 365), (["127.0.0.1"], 0)])
+def test_generate_tls_invalid_input(tmp_path, hosts, days):
+    with pytest.raises(ValueError, match="hosts is empty|days must be"):
+        generate_tls(tmp_path, hosts=hosts, days=days)
+
+
+# ----- sites and commands -------------------------------------------------------------------
+
+
+def test_node_config_parsed_by_flower(tmp_path):
+    from flwr.common.config import parse_config_args
+
+    site = deploy.SiteSpec(
+        site=1,
+        data_dir=tmp_path / "data with space",
+        site_dir=tmp_path / "site\\dir",
+        manifest=tmp_path / "m.csv",
+    )
+
+    parsed = parse_config_args([site.node_config()])
+
+    assert parsed == {
+        "site": 1,
+        "data-dir": str(tmp_path / "data with space"),
+        "site-dir": str(tmp_path / "site\\dir"),
+        "manifest": str(tmp_path / "m.csv"),
+    }
+
+
+def test_node_config_rejects_quote(tmp_path):
+    site = deploy.SiteSpec(site=0, data_dir=tmp_path / "it's", site_dir=tmp_path)
+
+    with pytest.raises(ValueError, match="single quote"):
+        site.node_config()
+
+
+def test_plan_sites_per_site_folders(tmp_path):
+    folders = [tmp_path / "a", tmp_path / "b"]
+    for folder in folders:
+        folder.mkdir()
+
+    sites = deploy.plan_sites(None, workdir=tmp_path / "w", site_data=folders)
+
+    assert [s.site for s in sites] == [0, 1]
+    assert [s.data_dir for s in sites] == folders
+    assert [s.site_dir for s in sites] == [tmp_path / "w/sites/site-0", tmp_path / "w/sites/site-1"]
+    assert all(s.manifest is None for s in sites)
+
+
+def test_plan_sites_manifest(tmp_path):
+    manifest = tmp_path / "sites.csv"
+    manifest.write_text("x\n")
+
+    sites = deploy.plan_sites(
+        2, workdir=tmp_path, data_dir=tmp_path, manifest=manifest,
+        site_dirs=[tmp_path / "s0", tmp_path / "s1"],
+    )
+
+    assert [s.manifest for s in sites] == [manifest, manifest]
+    assert [s.site_dir for s in sites] == [tmp_path / "s0", tmp_path / "s1"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_sites": 2, "data": True}, "same images"),
+        ({"num_sites": 3, "site_data": 2}, "--sites 3 but 2"),
+        ({"num_sites": None}, "at least 1"),
+        ({"num_sites": 2}, "no data"),
+        ({"num_sites": 1, "data": True, "site_dirs": 2}, "2 site folders for 1 sites"),
+        ({"num_sites": 1, "data": True, "manifest": "missing.csv"}, "manifest .* not found"),
+    ],
+)
+def test_plan_sites_invalid(tmp_path, kwargs, message):
+    folders = [tmp_path / f"d{i}" for i in range(kwargs.get("site_data", 0))]
+    for folder in folders:
+        folder.mkdir()
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        deploy.plan_sites(
+            kwargs["num_sites"],
+            workdir=tmp_path,
+            data_dir=tmp_path if kwargs.get("data") else None,
+            manifest=tmp_path / kwargs["manifest"] if "manifest" in kwargs else None,
+            site_data=folders,
+            site_dirs=[tmp_path] * kwargs.get("site_dirs", 0),
+        )
+
+
+def test_supernode_auth_needs_tls(tmp_path):
+    with pytest.raises(ValueError, match="needs TLS"):
+        deploy.superlink_command(port=1, database=tmp_path / "db", supernode_auth=True)
+
+
+def test_flwr_config_connection(tmp_path):
+    from flwr.cli.flower_config import parse_superlink_connection
+    import tomli
+
+    deploy.write_flwr_config(tmp_path, port=4321, ca_cert=tmp_path / "ca.pem")
+    table = tomli.loads((tmp_path / "config.toml").read_text())
+    connection = parse_superlink_connection(table["superlink"][deploy.CONNECTION], deploy.CONNECTION)
+
+    assert table["superlink"]["default"] == deploy.CONNECTION
+    assert connection.address == "127.0.0.1:4321"
+    assert connection.root_certificates == str(tmp_path / "ca.pem")
+    assert connection.insecure is False
+
+
+# ----- process hygiene ----------------------------------------------------------------------
+
+# A parent that ignores SIGTERM and starts a child in a session of its own, as Flower
+# starts flower-superexec: stopping the parent's process group alone would leave the child.
+_STUBBORN = textwrap.dedent(
+    """
+    import signal, subprocess, sys, time
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                             start_new_session=True)
+    print("child", child.pid, flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def _group(tmp_path) -> deploy.ProcessGroup:
+    return deploy.ProcessGroup(env=dict(os.environ), cwd=tmp_path, log_dir=tmp_path / "logs")
+
+
+def _wait_for_text(path: Path, text: str, timeout: float = 20.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        content = path.read_text() if path.exists() else ""
+        if text in content:
+            return content
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} not in {path} after {timeout} s: {content!r}")
+
+
+def test_stop_kills_escaped_child(tmp_path):
+    group = _group(tmp_path)
+    parent = group.start("stubborn", [sys.executable, "-c", _STUBBORN])
+    content = _wait_for_text(parent.log_path, "child ")
+    child_pid = int(content.split()[1])
+    parent.record_descendants()
+    child = next(p for p in parent.seen if p.pid == child_pid)
+
+    parent.stop(grace=1.0)
+
+    assert parent.returncode == -signal.SIGKILL
+    assert parent.describe_exit() == "stopped by SIGKILL"
+    assert not deploy.is_alive(child)
+    assert group.alive() == []
+
+
+def test_wait_for_port_reports_early_exit(tmp_path):
+    group = _group(tmp_path)
+    code = "import sys; print('cannot bind: address in use'); sys.exit(3)"
+    process = group.start("broken", [sys.executable, "-c", code], port=deploy.free_port())
+
+    with pytest.raises(RuntimeError, match=r"(?s)exited with status 3.*cannot bind"):
+        process.wait_for_port(timeout=20)
+    group.close()
+
+
+def test_wait_for_port_times_out(tmp_path):
+    group = _group(tmp_path)
+    process = group.start("silent", [sys.executable, "-c", "import time; time.sleep(60)"], port=deploy.free_port())
+    started = time.monotonic()
+
+    with pytest.raises(RuntimeError, match="did not open port"):
+        process.wait_for_port(timeout=1.0)
+    group.close()
+
+    assert time.monotonic() - started < 10
+    assert process.describe_exit() == "stopped by SIGTERM"
+    assert group.alive() == []
+
+
+# ----- real Flower processes ----------------------------------------------------------------
+
+
+def _registered_nodes(env: dict, *, wait_for_online: int, timeout: float = 60.0) -> list[dict]:
+    """Return ``flwr supernode ls`` once ``wait_for_online`` nodes are online (or at the timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        listing = subprocess.run(
+            [deploy.tool_path("flwr"), "supernode", "ls", deploy.CONNECTION, "--format", "json"],
+            env=env, capture_output=True, text=True, timeout=timeout,
+        )
+        nodes = json.loads(listing.stdout[listing.stdout.index("{"):])["nodes"]
+        online = [node for node in nodes if node["status"] == "online"]
+        if len(online) >= wait_for_online or time.monotonic() > deadline:
+            return nodes
+        time.sleep(1)
+
+
+@pytest.mark.slow
+def test_supernode_auth_rejects_unregistered_key(tmp_path):
+    from simulations.certs import generate_node_key
+
+    env = deploy.deploy_environment(tmp_path / "flwr")
+    group = deploy.ProcessGroup(env=env, cwd=tmp_path, log_dir=tmp_path / "logs")
+    sites = [deploy.SiteSpec(site=i, data_dir=tmp_path, site_dir=tmp_path / f"site-{i}") for i in (0, 1)]
+    try:
+        tls = generate_tls(tmp_path / "certs")
+        superlink = deploy.start_superlink(group, tmp_path, tls_files=tls, supernode_auth=True, timeout=60)
+        registered_key = deploy.register_supernode("site-0", group, timeout=60)
+        unregistered_key = generate_node_key(tmp_path / "keys", "unregistered").private_key
+        registered = deploy.start_supernode(
+            group, sites[0], superlink_port=superlink.port, ca_cert=tls.ca_cert, auth_key=registered_key
+        )
+        unregistered = deploy.start_supernode(
+            group, sites[1], superlink_port=superlink.port, ca_cert=tls.ca_cert, auth_key=unregistered_key
+        )
+        unregistered.popen.wait(timeout=60)
+        nodes = _registered_nodes(env, wait_for_online=1)
+
+        assert unregistered.returncode != 0
+        assert "Failed to activate SuperNode" in unregistered.tail()
+        assert registered.returncode is None
+        assert [node["status"] for node in nodes] == ["online"]
+    finally:
+        group.close()
+    assert group.alive() == []
