@@ -189,7 +189,15 @@ def load_records(data: Path) -> tuple[pd.DataFrame, str]:
 
 
 def format_summary(summary: pd.DataFrame) -> str:
-    """Return the summary transposed (one column per site) with 3-decimal shares."""
+    """Return the summary transposed (one column per site): counts as integers, shares and
+    rates with 3 decimals, ``-`` where a value is undefined."""
     names = [HOLDOUT_SPLIT if s == HOLDOUT_SITE else f"site {s}" for s in summary["site"]]
-    table = summary.drop(columns="site").set_axis(names, axis=0).T
-    return table.to_string(float_format=lambda v: f"{v:.3f}", na_rep="-")
+    table = summary.drop(columns="site").set_axis(names, axis=0)
+    text = {column: table[column].map(_format_cell) for column in table.columns}
+    return type(table)(text).T.to_string()
+
+
+def _format_cell(value) -> str:
+    if isinstance(value, float):
+        return "-" if value != value else f"{value:.3f}"  # NaN is the only value unequal to itself
+    return str(value)

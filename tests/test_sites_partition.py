@@ -401,6 +401,17 @@ def test_validation_without_positive_warns(caplog):
     assert "site 0: its 30 validation images include no positive image" in caplog.text
 
 
+@pytest.mark.parametrize(
+    "setup, fix",
+    [("iid", "use fewer --sites"), ("label-skew", "raise --alpha (now 0.5)")],
+)
+def test_site_without_positive_warns(setup, fix):
+    frame = make_records(400, seed=19, positive_rate=0.0)
+    result = partition(frame, setup=setup, num_sites=2, seed=0, min_site_size=1)
+    message = f"site 0 has no positive image in any split, so Dice on positives cannot be measured there; {fix}"
+    assert message in result.warnings
+
+
 def test_holdout_without_positive_warns():
     frame = make_records(400, seed=20, positive_rate=0.0)
     frame.loc[:3, "target"] = 1

@@ -142,8 +142,8 @@ def guard_rail_warnings(summary: pd.DataFrame, settings: SiteSettings) -> list[s
       privacy little (at ``n <= B`` every step uses the whole site);
     - expected batch ``min(B, n) < MIN_EXPECTED_BATCH``: many steps have an empty batch,
       with probability ``(1 - q) ** n`` each;
-    - a validation split with no image (while the val ratio is positive) or no positive
-      image;
+    - a site without any positive image, or a validation split with no image (while the
+      val ratio is positive) or no positive image;
     - a held-out set without a positive image.
     """
     messages: list[str] = []
@@ -154,7 +154,7 @@ def guard_rail_warnings(summary: pd.DataFrame, settings: SiteSettings) -> list[s
                 messages.append(f"the held-out test set ({row.images} images) has no positive image")
             continue
         messages.extend(_batch_warnings(int(row.site), int(row.train), batch))
-        messages.extend(_validation_warnings(int(row.site), int(row.val), int(row.val_positives), settings))
+        messages.extend(_validation_warnings(row, settings))
     for message in messages:
         log.warning("%s", message)
     return messages
@@ -189,14 +189,20 @@ def _batch_warnings(site: int, train: int, batch: int) -> list[str]:
     return messages
 
 
-def _validation_warnings(site: int, val: int, val_positives: int, settings: SiteSettings) -> list[str]:
+def _validation_warnings(row, settings: SiteSettings) -> list[str]:
     if settings.split_ratios[1] == 0:
         return []
-    if val == 0:
-        return [f"site {site} has no validation image; raise the val ratio of --split or use larger sites"]
-    if val_positives == 0:
+    if row.val == 0:
+        return [f"site {row.site} has no validation image; raise the val ratio of --split or use larger sites"]
+    if row.positives == 0:
+        fix = f"raise --alpha (now {settings.alpha})" if settings.setup == "label-skew" else "use fewer --sites"
         return [
-            f"site {site}: its {val} validation images include no positive image, so Dice on "
-            "positives cannot be measured there; use fewer --sites or a larger val ratio"
+            f"site {row.site} has no positive image in any split, so Dice on positives cannot be "
+            f"measured there; {fix}"
+        ]
+    if row.val_positives == 0:
+        return [
+            f"site {row.site}: its {row.val} validation images include no positive image, so Dice "
+            "on positives cannot be measured there; use fewer --sites or a larger val ratio"
         ]
     return []
