@@ -30,10 +30,10 @@ def test_interleave_has_exact_counts_and_even_prefixes():
     counts = np.array([14, 3, 3])
     sequence = interleave(counts)
     assert np.bincount(sequence).tolist() == counts.tolist()
-    # Every prefix holds each group's proportional share within 1.5 copies.
+    # Every prefix contains each group's proportional share within 1.5 copies.
     for length in range(1, counts.sum() + 1):
-        held = np.bincount(sequence[:length], minlength=3)
-        assert np.all(np.abs(held - length * counts / counts.sum()) <= 1.5), (length, held)
+        prefix_counts = np.bincount(sequence[:length], minlength=3)
+        assert np.all(np.abs(prefix_counts - length * counts / counts.sum()) <= 1.5), (length, prefix_counts)
 
 
 def test_deal_is_stratified_and_exact():

@@ -251,7 +251,15 @@ def test_attribute_infeasible_purity_names_the_lowest():
     lowest = float(re.search(r"at least (\d\.\d+)", str(error.value)).group(1))
     # For two values the lowest purity is the share of the more common value.
     assert lowest == pytest.approx(1 - ap_share, abs=1e-3)
-    partition(frame, setup="attribute", attribute="ViewPosition", num_sites=2, purity=lowest + 0.001, seed=0, min_site_size=1)
+    options = {"setup": "attribute", "attribute": "ViewPosition", "num_sites": 2, "seed": 0}
+    # The reported purity is feasible (its AP site is nearly empty, hence the size error);
+    # one step below it is not.
+    with pytest.raises(ValueError, match="below the minimum site size"):
+        partition(frame, purity=lowest, **options)
+    with pytest.raises(ValueError, match="is infeasible"):
+        partition(frame, purity=lowest - 0.001, **options)
+    feasible = partition(frame, purity=lowest + 0.02, **options)
+    assert feasible.summary["images"].sum() == len(frame)
 
 
 def test_attribute_needs_a_site_per_value():

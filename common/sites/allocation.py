@@ -40,7 +40,7 @@ def interleave(counts: ArrayLike) -> np.ndarray:
 
     Copy ``t`` of group ``j`` gets the key ``(t + 0.5) / counts[j]`` and the sequence is the
     groups sorted by key (ties to the lower group). A contiguous run of length ``L`` thus
-    holds about ``L * counts[j] / sum(counts)`` copies of group ``j``, which is what makes
+    contains about ``L * counts[j] / sum(counts)`` copies of group ``j``, which is what makes
     :func:`deal` stratified.
     """
     sizes = np.asarray(counts, dtype=np.int64)

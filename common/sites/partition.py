@@ -47,7 +47,8 @@ def partition(frame: pd.DataFrame, *, setup: str, **options) -> Partition:
     label) become the global test set (site -1, split ``holdout``). Within each site the
     patients are split train/val/test by ``split_ratios``, stratified by label. Patients,
     never images, are the unit of every allocation, so no patient is in two sites or two
-    splits; the result does not depend on the row order of ``frame``.
+    splits. The manifest does not depend on the row order of ``frame``, except for the
+    order of one patient's images when there is no ``image_id`` column.
 
     Raises:
         ValueError: for invalid settings, missing columns, a site below ``min_site_size``

@@ -10,8 +10,8 @@ from typing import Any
 from common.config import _check_choice, _check_range
 
 SETUPS = ("iid", "label-skew", "quantity-skew", "attribute", "scanner-shift", "column")
-"""How sites differ: not at all, in prevalence, in size, in patient mix (one attribute),
-in scanner appearance, or as given by a site column of the user's records."""
+"""Site setups, one per way sites differ: not at all, in prevalence, in size, in patient
+mix (one attribute), in scanner appearance, or as given by a site column of the records."""
 
 ATTRIBUTES = {"ViewPosition": "ViewPosition", "PatientSex": "PatientSex", "age-band": "age_band"}
 """``attribute`` setup choices mapped to the records column each one reads."""

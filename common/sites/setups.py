@@ -8,6 +8,7 @@ of every patient. All allocations hand out exact counts, so coverage is complete
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -163,7 +164,8 @@ def attribute_counts(value_counts: np.ndarray, *, num_sites: int, purity: float)
         raise ValueError(f"attribute splits need at least 2 values present; counts {counts.tolist()}")
     group_sizes = _group_sizes(counts, purity)
     if group_sizes.min() < 0:
-        lowest = _lowest_feasible_purity(counts, purity)
+        # Rounded up, so that the purity printed is itself feasible.
+        lowest = math.ceil(_lowest_feasible_purity(counts, purity) * 1000) / 1000
         raise ValueError(
             f"purity {purity} is infeasible for value counts {counts.astype(int).tolist()}: the "
             "other sites would need more of the rarer values than exist; raise --purity to at "

@@ -1,8 +1,7 @@
 """Patient-level splits: the global held-out test set and each site's train/val/test.
 
-Splits are drawn per patient, so all images of a patient share one split, and are
-stratified by label, so every split keeps its site's positive rate (within one patient
-per split when the split is large enough to hold one).
+Splits are drawn per patient, so all images of a patient share one split. They are
+stratified by label, so every split keeps about its site's positive rate.
 """
 
 from __future__ import annotations
