@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 
 import pytest
 
@@ -17,16 +18,19 @@ MECHANISM = ["--sample-rate", "0.01", "--steps", "1000", "--delta", "1e-5"]
 
 
 @pytest.fixture(autouse=True)
-def restore_root_logging():
-    """Undo the root handler ``main`` installs, which writes to this test's captured stderr."""
+def restore_logging():
+    """Undo ``main``'s logging setup, whose root handler writes to this test's captured stderr."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    showwarning, filters = warnings.showwarning, list(warnings.filters)
     for handler in handlers:
         if getattr(handler, "_dpfedseg", False):
             root.removeHandler(handler)
     yield
     root.handlers[:] = [h for h in handlers if not getattr(h, "_dpfedseg", False)]
     root.setLevel(level)
+    warnings.showwarning = showwarning
+    warnings.filters[:] = filters
 
 
 def table_rows(output: str) -> dict[str, tuple[str, str]]:

@@ -81,7 +81,7 @@ def test_entry_dict_round_trip():
 def test_entry_from_dict_names_bad_field():
     with pytest.raises(ValueError, match="unknown field.*'sigma'.*valid fields: noise_multiplier"):
         LedgerEntry.from_dict({"sigma": 1.0, "sample_rate": 0.01, "steps": 1})
-    with pytest.raises(ValueError, match="lacks field.*steps"):
+    with pytest.raises(ValueError, match="is missing field.*steps"):
         LedgerEntry.from_dict({"noise_multiplier": 1.0, "sample_rate": 0.01})
     with pytest.raises(ValueError, match="must be a mapping"):
         LedgerEntry.from_dict([1.0, 0.01, 1])

@@ -1,10 +1,10 @@
 """Epsilon of DP-SGD with Poisson sampling from three accountants, and noise calibration.
 
-Each DP-SGD step is the sampled Gaussian mechanism (SGM): every example of the site's
-shard enters the batch independently with probability ``q`` (``sample_rate``, Poisson
-sampling), the clipped per-sample gradients (L2 sensitivity ``C``) are summed and
-``N(0, sigma^2 C^2 I)`` is added, ``sigma`` being the ``noise_multiplier``. Neighbouring
-datasets differ by adding or removing one example. ``T`` steps compose adaptively.
+Each DP-SGD step is the sampled Gaussian mechanism (SGM). Every example of the site's shard
+enters the batch independently with probability ``q`` (``sample_rate``, Poisson sampling).
+The clipped per-sample gradients (L2 sensitivity ``C``) are summed, and ``N(0, sigma^2 C^2 I)``
+is added, ``sigma`` being the ``noise_multiplier``. Neighbouring datasets differ by adding or
+removing one example, and ``T`` steps compose adaptively.
 
 Accountants, all returning an (epsilon, delta) upper bound for the whole composition:
 
@@ -14,7 +14,9 @@ Accountants, all returning an (epsilon, delta) upper bound for the whole composi
   arXiv 1908.10530, Section 3.3), RDP adds up over steps, and the conversion to
   (epsilon, delta) is ``eps = min_alpha rdp(alpha) - (log delta + log alpha) / (alpha - 1)
   + log((alpha - 1) / alpha)`` (Balle et al., AISTATS 2020, arXiv 1905.09982, Theorem 21).
-  Conservative, fast, and the default.
+  Conservative, fast, and the default. At fractional orders Opacus 1.6 sums the exact
+  signed series, while ``dp_accounting`` 0.6 sums absolute values (a looser bound), so the
+  two can differ slightly; the tests check this one against numerical integration.
 - ``prv``: privacy loss random variables composed numerically by FFT (Gopi, Lee,
   Wutschitz, "Numerical Composition of Differential Privacy", NeurIPS 2021,
   arXiv 2106.02848), via Opacus' ``PRVAccountant``. It returns the upper end of its
@@ -24,8 +26,8 @@ Accountants, all returning an (epsilon, delta) upper bound for the whole composi
   discretisation interval, and the slowest of the three.
 
 Composition is commutative for all three, so entries with equal ``(sigma, q)`` are merged
-into one entry with the summed steps before composing; this is exact and keeps the cost
-independent of the number of rounds.
+into one entry with the summed steps before composing. Merging is exact, and it keeps the
+cost independent of the number of rounds.
 """
 
 from __future__ import annotations
@@ -201,10 +203,10 @@ def calibrate_noise_multiplier(
     The search brackets sigma by halving or doubling from 1, then bisects geometrically.
 
     Raises:
-        ValueError: an argument is out of range, or no sigma in
-            [:data:`MIN_NOISE_MULTIPLIER`, :data:`MAX_NOISE_MULTIPLIER`] meets the target
-            (the target is too small for this accountant and delta, or the prior entries
-            already spend it; or it is so large that almost no noise would do).
+        ValueError: an argument is out of range, or the target is impossible. A target is
+            impossible when even sigma :data:`MAX_NOISE_MULTIPLIER` exceeds it (too small
+            for this accountant and delta, or already spent by the prior entries), or when
+            even sigma :data:`MIN_NOISE_MULTIPLIER` meets it (so large it bounds nothing).
     """
     _check_range("target_epsilon", target_epsilon, low=0.0, low_open=True)
     check_delta(delta)

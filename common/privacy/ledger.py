@@ -62,38 +62,16 @@ class LedgerEntry:
     method: str = ""
 
     def __post_init__(self) -> None:
-        sigma = _real_field("noise_multiplier", self.noise_multiplier)
-        if not (math.isfinite(sigma) and sigma > 0):
-            raise ValueError(
-                f"ledger entry field 'noise_multiplier' must be a positive finite number, got "
-                f"{self.noise_multiplier!r}; a privacy ledger holds only DP-SGD steps, and "
-                "sigma 0 gives infinite epsilon"
-            )
-        sample_rate = _real_field("sample_rate", self.sample_rate)
-        if not 0 < sample_rate <= 1:
-            raise ValueError(
-                f"ledger entry field 'sample_rate' must lie in (0, 1], got {self.sample_rate!r}"
-            )
-        steps = _integer_field("steps", self.steps)
-        if steps < 0:
-            raise ValueError(f"ledger entry field 'steps' must be >= 0, got {self.steps!r}")
-        server_round = self.server_round
-        if server_round is not None:
-            server_round = _integer_field("server_round", server_round)
-            if server_round < 1:
-                raise ValueError(
-                    f"ledger entry field 'server_round' must be a 1-based round or None, got "
-                    f"{self.server_round!r}"
-                )
+        # Fields are normalised to plain float and int so that equality and JSON are exact.
+        object.__setattr__(self, "noise_multiplier", _valid_noise_multiplier(self.noise_multiplier))
+        object.__setattr__(self, "sample_rate", _valid_sample_rate(self.sample_rate))
+        object.__setattr__(self, "steps", _valid_steps(self.steps))
+        object.__setattr__(self, "server_round", _valid_server_round(self.server_round))
         if self.method != "" and self.method not in DP_METHODS:
             raise ValueError(
                 f"ledger entry field 'method' must be one of {', '.join(DP_METHODS)} or empty, "
                 f"got {self.method!r}"
             )
-        object.__setattr__(self, "noise_multiplier", sigma)
-        object.__setattr__(self, "sample_rate", sample_rate)
-        object.__setattr__(self, "steps", steps)
-        object.__setattr__(self, "server_round", server_round)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the entry as a JSON-ready dict whose keys are the field names."""
@@ -113,8 +91,44 @@ class LedgerEntry:
             )
         missing = [name for name in ("noise_multiplier", "sample_rate", "steps") if name not in data]
         if missing:
-            raise ValueError(f"ledger entry {dict(data)!r} lacks field(s) {', '.join(missing)}")
+            raise ValueError(f"ledger entry {dict(data)!r} is missing field(s) {', '.join(missing)}")
         return cls(**data)
+
+
+def _valid_noise_multiplier(value: Any) -> float:
+    sigma = _real_field("noise_multiplier", value)
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise ValueError(
+            f"ledger entry field 'noise_multiplier' must be a positive finite number, got "
+            f"{value!r}; a privacy ledger contains only DP-SGD steps, and sigma 0 gives "
+            "infinite epsilon"
+        )
+    return sigma
+
+
+def _valid_sample_rate(value: Any) -> float:
+    sample_rate = _real_field("sample_rate", value)
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"ledger entry field 'sample_rate' must lie in (0, 1], got {value!r}")
+    return sample_rate
+
+
+def _valid_steps(value: Any) -> int:
+    steps = _integer_field("steps", value)
+    if steps < 0:
+        raise ValueError(f"ledger entry field 'steps' must be >= 0, got {value!r}")
+    return steps
+
+
+def _valid_server_round(value: Any) -> int | None:
+    if value is None:
+        return None
+    server_round = _integer_field("server_round", value)
+    if server_round < 1:
+        raise ValueError(
+            f"ledger entry field 'server_round' must be a 1-based round or None, got {value!r}"
+        )
+    return server_round
 
 
 def _real_field(name: str, value: Any) -> float:
