@@ -65,8 +65,11 @@ def setup_logging(level: int | str = logging.INFO) -> None:
     """
     root = logging.getLogger()
     if not any(getattr(h, "_dpfedseg", False) for h in root.handlers):
+        # Replace only plain stream handlers (Opacus calls logging.basicConfig at import);
+        # subclasses such as pytest's capture handlers stay.
         for handler in list(root.handlers):
-            root.removeHandler(handler)
+            if type(handler) is logging.StreamHandler:
+                root.removeHandler(handler)
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
         handler._dpfedseg = True  # type: ignore[attr-defined]
