@@ -443,6 +443,13 @@ def test_records_missing_columns():
         partition(pd.DataFrame({"patient_id": ["a"]}), setup="iid", num_sites=1)
 
 
+def test_settings_accept_numpy_numbers():
+    settings = SiteSettings(setup="label-skew", num_sites=np.int64(3), seed=np.int32(2), alpha=np.float32(0.5))
+    assert settings.to_dict()["num_sites"] == 3
+    assert type(settings.num_sites) is int
+    assert type(settings.alpha) is float
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
@@ -467,6 +474,8 @@ def test_records_missing_columns():
         ({"setup": "iid", "num_sites": 2, "min_site_size": 0}, "min-site-size must lie in"),
         ({"setup": "iid", "num_sites": 2, "expected_batch_size": 0}, "batch-size must lie in"),
         ({"setup": "scanner-shift", "num_sites": 2, "style_strength": -0.1}, "style-strength must lie in"),
+        ({"setup": "iid", "num_sites": 2, "seed": None}, "seed must be an integer; got None"),
+        ({"setup": "attribute", "num_sites": 2, "attribute": "PatientSex", "purity": "0.9"}, "purity must be a finite number; got '0.9'"),
     ],
 )
 def test_settings_reject_bad_values(options, message):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,13 +79,17 @@ class SiteSettings:
     def __post_init__(self) -> None:
         _check_choice("setup", self.setup, SETUPS)
         _check_choice("size-distribution", self.size_distribution, SIZE_DISTRIBUTIONS)
-        _check_integer("seed", self.seed, low=0)
-        _check_integer("min-site-size", self.min_site_size, low=1)
-        _check_integer("batch-size", self.expected_batch_size, low=1)
-        _check_finite("alpha", self.alpha)
+        # numpy numbers become int and float, so the settings serialise to JSON.
+        for field_name, key, low in _INTEGER_FIELDS:
+            value = getattr(self, field_name)
+            if value is not None or field_name != "num_sites":
+                _check_integer(key, value, low=low)
+                object.__setattr__(self, field_name, int(value))
+        for field_name, key in _FLOAT_FIELDS:
+            _check_finite(key, getattr(self, field_name))
+            object.__setattr__(self, field_name, float(getattr(self, field_name)))
         _check_range("alpha", self.alpha, low=0.0, low_open=True)
         _check_range("purity", self.purity, low=0.5, high=1.0, low_open=True)
-        _check_finite("power-exponent", self.power_exponent)
         _check_range("power-exponent", self.power_exponent, low=0.0, low_open=True)
         _check_range("holdout", self.holdout_fraction, low=0.0, high=1.0, high_open=True)
         _check_range("style-strength", self.style_strength, low=0.0)
@@ -93,11 +98,8 @@ class SiteSettings:
         object.__setattr__(self, "split_ratios", _checked_ratios(self.split_ratios))
 
     def _check_sites(self) -> None:
-        if self.num_sites is None:
-            if self.setup != "column":
-                raise ValueError(f"setup {self.setup!r} needs the number of sites (--sites)")
-            return
-        _check_integer("sites", self.num_sites, low=1)
+        if self.num_sites is None and self.setup != "column":
+            raise ValueError(f"setup {self.setup!r} needs the number of sites (--sites)")
 
     def _check_setup_options(self) -> None:
         if self.setup == "attribute":
@@ -116,14 +118,31 @@ class SiteSettings:
         return values
 
 
+_INTEGER_FIELDS = (
+    ("num_sites", "sites", 1),
+    ("seed", "seed", 0),
+    ("min_site_size", "min-site-size", 1),
+    ("expected_batch_size", "batch-size", 1),
+)
+"""(field, option name in messages, lowest valid value) of the integer settings."""
+
+_FLOAT_FIELDS = (
+    ("alpha", "alpha"),
+    ("purity", "purity"),
+    ("power_exponent", "power-exponent"),
+    ("holdout_fraction", "holdout"),
+    ("style_strength", "style-strength"),
+)
+
+
 def _check_integer(key: str, value: Any, *, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{key} must be an integer; got {value!r}")
     _check_range(key, value, low=low)
 
 
-def _check_finite(key: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
+def _check_finite(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{key} must be a finite number; got {value!r}")
 
 
