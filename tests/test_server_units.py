@@ -54,3 +54,79 @@ def test_run_folder_unreadable_checkpoint_names_file(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="checkpoint.pt cannot be read"):
         folder.load_checkpoint()
+
+
+def _entries(rounds: int, *, sigma=1.0, q=0.05, steps=20):
+    return [WireEntry(sigma, q, steps, r) for r in range(1, rounds + 1)]
+
+
+def test_tracker_recomputes_epsilon_against_dp_accounting():
+    import dp_accounting
+
+    from server.tracker import SiteTracker
+
+    tracker = SiteTracker(delta=1e-5, target_epsilon=8.0, accountant="pld")
+    entries = _entries(3)
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(0.05, dp_accounting.GaussianDpEvent(1.0)), 60
+    )
+    expected = dp_accounting.pld.PLDAccountant().compose(event).get_epsilon(1e-5)
+    epsilon, mismatch = tracker.observe_train(
+        site=0, node_id=11, entries=entries, epsilon_reported=expected
+    )
+    assert epsilon == pytest.approx(expected, rel=1e-3)
+    assert mismatch == "" or "reported epsilon" in mismatch
+
+
+def test_tracker_flags_under_reported_epsilon_and_reset_ledger():
+    from server.tracker import SiteTracker
+
+    tracker = SiteTracker(delta=1e-5, target_epsilon=8.0, accountant="rdp")
+    true_epsilon = tracker.epsilon_of(_entries(2))
+    epsilon, mismatch = tracker.observe_train(
+        site=1, node_id=5, entries=_entries(2), epsilon_reported=true_epsilon / 2
+    )
+    assert epsilon == pytest.approx(true_epsilon)
+    assert "reported epsilon" in mismatch
+    assert tracker.max_epsilon() == pytest.approx(true_epsilon)  # the larger value wins
+
+    _, mismatch = tracker.observe_train(
+        site=1, node_id=5, entries=_entries(1), epsilon_reported=tracker.epsilon_of(_entries(1))
+    )
+    assert "no longer starts with the 2 entries" in mismatch
+
+
+def test_tracker_stops_sampling_a_site_before_it_passes_its_budget():
+    from server.tracker import SiteTracker
+
+    tracker = SiteTracker(delta=1e-5, target_epsilon=5.0, accountant="rdp")
+    round_entry = WireEntry(1.0, 0.05, 20, None)
+    history = []
+    for server_round in range(1, 50):
+        entry = WireEntry(1.0, 0.05, 20, server_round)
+        history.append(entry)
+        tracker.observe_train(
+            site=0, node_id=3, entries=history, epsilon_reported=tracker.epsilon_of(history)
+        )
+        tracker.forecast_next_round(0, [round_entry])
+        if tracker.excluded_nodes():
+            break
+    assert tracker.excluded_nodes() == {3}
+    assert len(history) > 1
+    assert tracker.epsilon_of(history) <= 5.0
+    assert tracker.epsilon_of([*history, round_entry]) > 5.0
+    assert tracker.all_spent(1)
+
+
+def test_tracker_state_round_trips_and_rejects_other_delta():
+    from server.tracker import SiteTracker
+
+    tracker = SiteTracker(delta=1e-5, target_epsilon=8.0, accountant="rdp")
+    tracker.observe_train(site=2, node_id=9, entries=_entries(2), epsilon_reported=0.0)
+    restored = SiteTracker(delta=1e-5, target_epsilon=8.0, accountant="rdp")
+    restored.load_state_dict(tracker.state_dict())
+    assert restored.sites[2].entries == tracker.sites[2].entries
+    assert restored.sites[2].epsilon_server == tracker.sites[2].epsilon_server
+    other = SiteTracker(delta=1e-6, target_epsilon=8.0, accountant="rdp")
+    with pytest.raises(ValueError, match="delta"):
+        other.load_state_dict(tracker.state_dict())
