@@ -216,4 +216,4 @@ def _open_cache(data_dir: str, image_size: int, cache_dir: str):
 def _single_site_manifest(cache: Any, seed: int):
     from common.sites import partition
 
-    return partition(cache.frame, setup="iid", num_sites=1, seed=seed).manifest
+    return partition(cache.frame, setup="iid", num_sites=1, seed=seed, min_site_size=1).manifest
