@@ -1,0 +1,247 @@
+"""Per-sample gradient strategies: each returns ``sum_i f_i (m * g_i)`` for clip factors ``f``.
+
+All strategies compute the same quantity exactly (up to floating-point rounding): the
+per-sample gradients ``g_i`` of the per-example losses, masked by the RS mask ``m``
+when there is one, their norms ``||m * g_i||``, the clip factors ``f_i = clip(norms)_i``
+and the sum of the clipped contributions. They differ in cost:
+
+- ``opacus``: Opacus ``GradSampleModule`` hooks materialise every per-sample gradient
+  (``B x d`` floats) in one batched backward pass.
+- ``loop``: one forward and backward pass per example, accumulated as it streams; the
+  least memory, any model.
+- ``ghost``: book-keeping. One batched forward pass and one backward pass for the
+  layer-output gradients only, per-layer norms (ghost norms where cheaper, see
+  :mod:`common.privacy.layer_grads`), then one batched weight-gradient pass with the
+  output gradients reweighted by ``f_i``. Conv2d, GroupNorm and Linear layers only.
+
+The per-example loss function must make example ``i``'s loss depend on example ``i``
+alone, which holds for a model without BatchNorm (see :func:`common.model.check_private_safe`).
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from common.privacy import layer_grads
+from common.privacy.sparsify import SparsityMask
+
+logger = logging.getLogger(__name__)
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+"""``(logits, targets) -> per-example losses`` of shape ``(B,)``."""
+ClipFn = Callable[[Tensor], Tensor]
+"""Per-sample norms (float64, ``(B,)``) to clip factors of the same shape."""
+
+STRATEGIES = ("ghost", "loop", "opacus")
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """What one clipped sum saw: per-sample norms (after masking) and per-example losses."""
+
+    norms: Tensor
+    losses: Tensor
+
+    @classmethod
+    def empty(cls) -> "BatchStats":
+        """Stats of an empty batch."""
+        return cls(norms=torch.zeros(0, dtype=torch.float64), losses=torch.zeros(0))
+
+
+class PerSampleStrategy(ABC):
+    """Computes clipped sums of per-sample gradients of one model's trainable parameters."""
+
+    name: str = ""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters")
+
+    @abstractmethod
+    def clipped_sum(
+        self,
+        images: Tensor,
+        targets: Tensor,
+        *,
+        clip: ClipFn,
+        mask: SparsityMask | None,
+        out: Sequence[Tensor],
+    ) -> BatchStats:
+        """Add ``sum_i f_i (m * g_i)`` to ``out`` (one tensor per trainable parameter).
+
+        ``f = clip(norms)`` with ``norms_i = ||m * g_i||`` over all trainable parameters.
+        Masked coordinates of ``out`` are left as they were. An empty batch adds nothing.
+        """
+
+    def close(self) -> None:
+        """Remove hooks this strategy installed on the model."""
+
+
+class LoopStrategy(PerSampleStrategy):
+    """One forward and backward pass per example, accumulated into ``out`` as it goes."""
+
+    name = "loop"
+
+    def clipped_sum(self, images, targets, *, clip, mask, out):
+        if images.shape[0] == 0:
+            return BatchStats.empty()
+        norms, losses = [], []
+        for i in range(images.shape[0]):
+            loss = self.loss_fn(self.model(images[i : i + 1]), targets[i : i + 1]).sum()
+            grads = torch.autograd.grad(loss, self.params)
+            with torch.no_grad():
+                if mask is not None:
+                    mask.apply_(grads)
+                norm = _total_norm([g.unsqueeze(0) for g in grads])
+                factor = clip(norm)
+                for accumulator, grad in zip(out, grads):
+                    accumulator.add_(grad, alpha=float(factor[0]))
+            norms.append(norm)
+            losses.append(loss.detach())
+        return BatchStats(norms=torch.cat(norms).cpu(), losses=torch.stack(losses).cpu())
+
+
+class OpacusStrategy(PerSampleStrategy):
+    """Opacus ``GradSampleModule`` hooks: all per-sample gradients at once, then clip and sum."""
+
+    name = "opacus"
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        from opacus import GradSampleModule
+
+        super().__init__(model, loss_fn)
+        self.wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+
+    def clipped_sum(self, images, targets, *, clip, mask, out):
+        if images.shape[0] == 0:
+            return BatchStats.empty()
+        losses = self.loss_fn(self.wrapped(images), targets)
+        losses.sum().backward()
+        try:
+            with torch.no_grad():
+                per_sample = [p.grad_sample for p in self.params]
+                if mask is not None:
+                    per_sample = [mask.apply_per_sample(k, g) for k, g in enumerate(per_sample)]
+                norms = _total_norm(per_sample)
+                factors = clip(norms)
+                for accumulator, grads in zip(out, per_sample):
+                    accumulator.add_(torch.einsum("i,i...->...", factors.to(grads.dtype), grads))
+        finally:
+            for p in self.params:
+                p.grad_sample = None
+                p.grad = None
+        return BatchStats(norms=norms.cpu(), losses=losses.detach().cpu())
+
+    def close(self) -> None:
+        self.wrapped._close()
+
+
+class GhostStrategy(PerSampleStrategy):
+    """Book-keeping: per-layer norms from activations and output gradients, one reweighted pass."""
+
+    name = "ghost"
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__(model, loss_fn)
+        self.layers: list[nn.Module] = []
+        self.param_slots: list[list[int]] = []
+        index = {id(p): k for k, p in enumerate(self.params)}
+        claimed: set[int] = set()
+        for name, module in model.named_modules():
+            own = list(module.parameters(recurse=False))
+            trainable = [p for p in own if p.requires_grad]
+            if not trainable:
+                continue
+            layer_grads.check_supported(name, module)
+            if len(trainable) != len(own) or any(id(p) in claimed for p in own):
+                raise ValueError(
+                    f"per-sample strategy 'ghost' needs each layer's parameters all trainable "
+                    f"and not shared; {name} breaks this; use strategy 'loop'"
+                )
+            claimed.update(id(p) for p in own)
+            self.layers.append(module)
+            self.param_slots.append([index[id(p)] for p in own])
+        self._records: list[tuple[nn.Module, Tensor, Tensor]] = []
+        self._recording = False
+        self._handles = [layer.register_forward_hook(self._record) for layer in self.layers]
+
+    def _record(self, module: nn.Module, inputs: tuple, output: Tensor) -> None:
+        if self._recording:
+            self._records.append((module, inputs[0].detach(), output))
+
+    def clipped_sum(self, images, targets, *, clip, mask, out):
+        if images.shape[0] == 0:
+            return BatchStats.empty()
+        self._records = []
+        self._recording = True
+        try:
+            losses = self.loss_fn(self.model(images), targets)
+        finally:
+            self._recording = False
+        records, self._records = self._records, []
+        self._check_records(records)
+        outputs = [output for _, _, output in records]
+        backprops = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+        with torch.no_grad():
+            slots = {id(module): self.param_slots[k] for k, module in enumerate(self.layers)}
+            total = torch.zeros(images.shape[0], dtype=torch.float64, device=images.device)
+            for (module, a, output), b in zip(records, backprops):
+                b = torch.zeros_like(output) if b is None else b
+                kept = [None if mask is None else mask.kept[k] for k in slots[id(module)]]
+                total += layer_grads.squared_norms(module, a, b, kept)
+            norms = total.sqrt()
+            factors = clip(norms)
+            for (module, a, output), b in zip(records, backprops):
+                if b is None:
+                    continue
+                for k, grad in zip(slots[id(module)], layer_grads.weighted_sum(module, a, b, factors)):
+                    if mask is not None:
+                        grad.masked_fill_(~mask.kept[k], 0.0)
+                    out[k].add_(grad)
+        return BatchStats(norms=norms.cpu(), losses=losses.detach().cpu())
+
+    def _check_records(self, records: list) -> None:
+        calls: dict[int, int] = {}
+        for module, _, _ in records:
+            calls[id(module)] = calls.get(id(module), 0) + 1
+        if any(count != 1 for count in calls.values()) or len(calls) != len(self.layers):
+            raise ValueError(
+                "per-sample strategy 'ghost' needs every layer with parameters to run exactly "
+                "once per forward pass; this model reuses or skips layers; use strategy 'loop'"
+            )
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def _total_norm(per_sample: Sequence[Tensor]) -> Tensor:
+    """Return the L2 norm over all parameters of each example, in float64."""
+    total = None
+    for grads in per_sample:
+        square = grads.reshape(grads.shape[0], -1).pow(2).sum(1, dtype=torch.float64)
+        total = square if total is None else total + square
+    return total.sqrt()
+
+
+def make_strategy(name: str, model: nn.Module, loss_fn: LossFn) -> PerSampleStrategy:
+    """Build the per-sample strategy ``name`` (one of :data:`STRATEGIES`) for ``model``."""
+    classes = {"ghost": GhostStrategy, "loop": LoopStrategy, "opacus": OpacusStrategy}
+    if name not in classes:
+        raise ValueError(f"unknown per-sample strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+    return classes[name](model, loss_fn)
+
+
+def default_strategy(device: torch.device | str, *, sparsify: bool) -> str:
+    """Return the per-sample strategy to use on ``device`` (for an RS method if ``sparsify``)."""
+    return "ghost"

@@ -1,0 +1,149 @@
+"""Random sparsification (RS) of DP-SGD gradients: the mask and its rate schedule.
+
+Source: Zhu and Blaschko, "Improving Differentially Private SGD via Randomly Sparsified
+Gradients", TMLR 2023 (arXiv 2112.00845). As their reference implementation does it:
+
+- one mask zeroes exactly ``floor(p * d)`` of the ``d`` trainable coordinates, a subset
+  drawn uniformly from the whole flattened parameter vector (all layers together);
+- the mask is shared by every example and every step of a refresh window;
+- each per-sample gradient is masked before it is clipped, and the Gaussian noise is
+  zeroed on the mask too, so masked coordinates carry neither signal nor noise;
+- kept coordinates are not rescaled by ``1 / (1 - p)``;
+- the rate ramps linearly from 0 in the first window to the final rate ``p*`` in the
+  last window ("gradual cooling").
+
+The mask is drawn independently of the data, so every step stays the same subsampled
+Gaussian mechanism and epsilon is unchanged. The mask, and its seed, may be public.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+_MASK_SEED_TAG = 0x5253  # separates mask seeds from other seeds derived from the run seed
+REFRESH_CHOICES = ("round", "epoch")
+
+
+def rs_rate(window: int, *, num_windows: int, final_rate: float) -> float:
+    """Return the sparsification rate of refresh window ``window`` (0-based).
+
+    ``p_k = min(p*, p* * k / (W - 1))`` for ``W = num_windows`` windows: window 0 is
+    dense and the last window reaches ``p* = final_rate``. With a single window the
+    schedule cannot ramp; that window uses ``p*``, so RS is never silently turned off.
+    """
+    if not 0 <= final_rate < 1:
+        raise ValueError(f"final_rate must lie in [0, 1), got {final_rate!r}")
+    if num_windows < 1 or not 0 <= window < num_windows:
+        raise ValueError(f"window must lie in [0, {num_windows}), got {window!r}")
+    if num_windows == 1:
+        return float(final_rate)
+    return min(final_rate, final_rate * window / (num_windows - 1))
+
+
+def rs_num_windows(*, num_server_rounds: int, local_epochs: int, refresh: str) -> int:
+    """Return how many masks a site draws over the planned run (one per window)."""
+    _check_refresh(refresh)
+    return num_server_rounds * (local_epochs if refresh == "epoch" else 1)
+
+
+def rs_window(*, server_round: int, local_epoch: int, local_epochs: int, refresh: str) -> int:
+    """Return the 0-based refresh window of local epoch ``local_epoch`` of ``server_round``.
+
+    ``server_round`` is 1-based (Flower's numbering), ``local_epoch`` 0-based. With
+    ``refresh="round"`` a window is a whole round of ``local_epochs`` epochs, so the ramp
+    still spans all planned local epochs of all rounds.
+    """
+    _check_refresh(refresh)
+    if server_round < 1 or not 0 <= local_epoch < local_epochs:
+        raise ValueError(
+            f"need server_round >= 1 and 0 <= local_epoch < {local_epochs}; got "
+            f"{server_round}, {local_epoch}"
+        )
+    if refresh == "round":
+        return server_round - 1
+    return (server_round - 1) * local_epochs + local_epoch
+
+
+def mask_seed(*, seed: int, server_round: int, site: int, window: int) -> int:
+    """Return the seed of one site's mask for one window, derived from the run seed."""
+    state = np.random.SeedSequence([_MASK_SEED_TAG, int(seed), int(server_round), int(site), int(window)])
+    return int(state.generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def num_zeroed(rate: float, num_coordinates: int) -> int:
+    """Return ``floor(rate * num_coordinates)``, computed exactly from the float ``rate``."""
+    return int(Fraction(rate) * num_coordinates // 1)
+
+
+@dataclass(frozen=True)
+class SparsityMask:
+    """One RS mask: for each parameter, a boolean tensor of its shape, True where kept.
+
+    Attributes:
+        kept: one bool tensor per parameter, in the order the mask was drawn for.
+        rate: the sparsification rate p the mask was drawn with.
+        num_zeroed: ``floor(p * d)``, the number of masked (zeroed) coordinates.
+        num_coordinates: d, the total number of coordinates.
+    """
+
+    kept: tuple[Tensor, ...]
+    rate: float
+    num_zeroed: int
+    num_coordinates: int
+
+    @property
+    def num_kept(self) -> int:
+        """Number of coordinates the mask keeps, ``d - floor(p * d)``."""
+        return self.num_coordinates - self.num_zeroed
+
+    def apply_(self, tensors: Sequence[Tensor]) -> None:
+        """Zero the masked coordinates of ``tensors`` (one per parameter), in place."""
+        if len(tensors) != len(self.kept):
+            raise ValueError(f"mask has {len(self.kept)} parameters, got {len(tensors)} tensors")
+        for tensor, kept in zip(tensors, self.kept):
+            tensor.masked_fill_(~kept, 0.0)
+
+    def apply_per_sample(self, index: int, per_sample: Tensor) -> Tensor:
+        """Return ``per_sample`` (leading batch dim) of parameter ``index`` with its mask applied."""
+        return per_sample.masked_fill(~self.kept[index], 0.0)
+
+
+def draw_mask(
+    shapes: Sequence[torch.Size],
+    *,
+    rate: float,
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
+) -> SparsityMask:
+    """Draw a mask zeroing exactly ``floor(rate * d)`` of the ``d`` coordinates of ``shapes``.
+
+    The zeroed coordinates are the first ``floor(rate * d)`` entries of a uniform random
+    permutation of the flattened parameter vector, so every subset of that size is
+    equally likely, whatever the layer sizes.
+    """
+    if not 0 <= rate < 1:
+        raise ValueError(f"RS rate must lie in [0, 1), got {rate!r}")
+    sizes = [int(np.prod(shape)) for shape in shapes]
+    total = sum(sizes)
+    zeroed = num_zeroed(rate, total)
+    flat = torch.ones(total, dtype=torch.bool)
+    if zeroed:
+        flat[torch.randperm(total, generator=generator)[:zeroed]] = False
+    kept = tuple(
+        part.reshape(shape).to(device) for part, shape in zip(torch.split(flat, sizes), shapes)
+    )
+    return SparsityMask(kept=kept, rate=float(rate), num_zeroed=zeroed, num_coordinates=total)
+
+
+def _check_refresh(refresh: str) -> None:
+    if refresh not in REFRESH_CHOICES:
+        raise ValueError(f"RS refresh must be one of {', '.join(REFRESH_CHOICES)}; got {refresh!r}")
