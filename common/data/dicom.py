@@ -44,6 +44,17 @@ fragment to an even length and some add a byte or two after FFD9."""
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 """ITU-R BT.601 luma weights for R, G, B, used to turn colour images into gray."""
 
+_GRAYSCALE_TRANSFORMS = (
+    "RescaleSlope",
+    "RescaleIntercept",
+    "ModalityLUTSequence",
+    "VOILUTSequence",
+    "WindowCenter",
+    "WindowWidth",
+)
+"""Elements that change the stored-value to grey-level mapping; without them the stored
+range maps linearly to [0, 1]."""
+
 _AGE_PATTERN = re.compile(r"^\s*(\d{1,3})\s*([DWMY]?)\s*$", re.IGNORECASE)
 _DAYS_PER_UNIT = {"D": 1.0, "W": 7.0, "M": 365.25 / 12.0, "Y": 365.25, "": 365.25}
 
@@ -117,10 +128,10 @@ def decode_pixels(ds: Dataset, path: Path | str) -> np.ndarray:
         return _palette_to_unit(raw, ds)
     if _samples(ds) > 1:
         return _colour_to_unit(raw, ds)
-    unit = _monochrome_to_unit(raw, ds, path)
+    unit = _monochrome_to_unit(raw, ds, path).astype(np.float32, copy=False)
     if photometric == "MONOCHROME1":
-        unit = 1.0 - unit
-    return unit.astype(np.float32)
+        unit = np.float32(1.0) - unit
+    return unit
 
 
 def decode_dicom(path: Path | str) -> np.ndarray:
@@ -235,6 +246,8 @@ def _monochrome_to_unit(raw: np.ndarray, ds: Dataset, path: Path | str) -> np.nd
     if "PixelData" not in ds:
         # Float pixel data has no stored-bits range, so its own extremes define [0, 1].
         return _min_max(raw.astype(np.float64))
+    if not any(name in ds for name in _GRAYSCALE_TRANSFORMS):
+        return _stored_to_unit(raw, ds)
     modality = apply_modality_lut(raw, ds)
     if "VOILUTSequence" in ds:
         # A LUT is indexed by whole numbers; a rescaled (float) input is rounded first.
@@ -248,6 +261,15 @@ def _monochrome_to_unit(raw: np.ndarray, ds: Dataset, path: Path | str) -> np.nd
         return linear_window(values, center=center, width=width, function=function)
     low, high = _stored_range(ds)
     return np.clip((values - low) / (high - low), 0.0, 1.0)
+
+
+def _stored_to_unit(raw: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Map stored values to [0, 1] by their bit depth (the fast path without LUTs)."""
+    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 8)))
+    scale = np.float32(1.0 / (2.0**bits - 1.0))
+    if int(ds.get("PixelRepresentation", 0)) == 1:
+        return (raw.astype(np.float32) + np.float32(2 ** (bits - 1))) * scale
+    return raw.astype(np.float32) * scale
 
 
 def _window(ds: Dataset, path: Path | str) -> tuple[float, float, str] | None:
