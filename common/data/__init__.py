@@ -6,6 +6,7 @@ Public entry points:
 - :func:`read_rsna_labels` parses an RSNA labels CSV alone (no images needed).
 - :func:`open_cache` decodes and resizes a dataset once into memory-mapped arrays.
 - :class:`SegmentationDataset` serves cached images and masks to torch.
+- :func:`synthesize` writes a synthetic dataset in the RSNA layout.
 
 ``SegmentationDataset`` imports torch, so it is loaded on first access only.
 """
@@ -20,6 +21,7 @@ from common.data.load import detect_layout, load_dataset
 from common.data.records import Box, LoadedDataset, Metadata, Record
 from common.data.report import Issue, LoadReport
 from common.data.rsna import read_rsna_labels
+from common.data.synth import SynthSummary, synthesize
 
 __all__ = [
     "Box",
@@ -31,11 +33,13 @@ __all__ = [
     "Metadata",
     "Record",
     "SegmentationDataset",
+    "SynthSummary",
     "decode_dicom",
     "detect_layout",
     "load_dataset",
     "open_cache",
     "read_rsna_labels",
+    "synthesize",
 ]
 
 
