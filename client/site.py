@@ -7,6 +7,7 @@ logic is tested without Flower; :mod:`client.app` only unpacks and packs message
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from common import atomic
 from common import federation as fed
 from common.config import RunConfig
 from common.model import build_unet, plain_state_dict
@@ -26,6 +28,7 @@ from client.train import train_site
 log = logging.getLogger(__name__)
 
 LEDGER_FILE = "privacy_ledger.json"
+CLIP_BOUND_FILE = "adaptive_clip_bound.json"  # adaptive clipping's bound, carried across rounds
 BYTES_PER_VALUE = 4  # float32 weights
 
 
@@ -148,7 +151,11 @@ def train_round(
         server_round=server_round,
         site=setup.site,
         device=device,
+        generator_seed=_simulation_seed(config, node_config, setup.site, server_round),
+        max_grad_norm=_read_clip_bound(setup) if config.method == "adaptive" else None,
     )
+    if config.method == "adaptive" and not result.refused:
+        atomic.write_json(setup.site_dir / CLIP_BOUND_FILE, {"max_grad_norm": result.max_grad_norm})
     entries = list(ledger.entries) if ledger is not None else []
     metrics: dict[str, Any] = {
         fed.SITE: setup.site,
@@ -197,6 +204,26 @@ def evaluate_global(
             if value is not None and np.isfinite(value):
                 metrics[f"{split}_{key}"] = float(value)
     return metrics
+
+
+def _simulation_seed(
+    config: RunConfig, node_config: Mapping[str, Any], site: int, server_round: int
+) -> int | None:
+    """Return a reproducible sampling/noise seed in simulation, None (OS entropy) otherwise.
+
+    Anyone who knows the seed can regenerate the noise, so only a simulation (where Flower
+    sets ``partition-id``) without ``secure-rng`` gets a seed derived from the run seed.
+    """
+    if config.secure_rng or "partition-id" not in node_config:
+        return None
+    return (config.seed * 1_000_003 + site) * 10_007 + server_round
+
+
+def _read_clip_bound(setup: SiteSetup) -> float | None:
+    file = setup.site_dir / CLIP_BOUND_FILE
+    if not file.exists():
+        return None
+    return float(json.loads(file.read_text())["max_grad_norm"])
 
 
 def _model_with(config: RunConfig, weights: Mapping[str, np.ndarray]) -> torch.nn.Module:

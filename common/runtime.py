@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from pathlib import Path
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -77,5 +76,6 @@ def setup_logging(level: int | str = logging.INFO) -> None:
     root.setLevel(level)
     for name in _FLOWER_LOGGERS:
         logging.getLogger(name).propagate = False
+    # Flower's HTTP transport logs every request at INFO (several per second).
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.captureWarnings(True)
-    warnings.simplefilter("default")

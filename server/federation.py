@@ -258,7 +258,7 @@ def _log_round(config, server_round, train, rows, tracker, seconds) -> None:
     log.info(
         "round %d/%d: sampled %s, replied %s, failed %s, refused %s | epsilon per site %s, "
         "max %.3f (%s, delta=%g) | train loss %s | val Dice %s | %.1f s",
-        server_round, config.num_server_rounds, ",".join(str(r.site) for r in train),
+        server_round, config.num_server_rounds, ",".join(str(s) for s in sorted(r.site for r in train)),
         sites(STATUS_OK), sites(STATUS_FAILED), sites(STATUS_REFUSED), per_site or "-",
         tracker.max_epsilon(), config.accountant, config.delta,
         "-" if loss is None else f"{loss:.4f}", "-" if dice is None else f"{dice:.4f}", seconds,

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -78,6 +80,8 @@ def run_federated(
     """
     configure_environment()
     env = dict(os.environ)
+    # `flwr run` launches `flower-superlink` by name: put this environment's scripts first.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     config = resolve_paths(config.replace(num_sites=num_sites))
     folder = Path(config.output_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -109,8 +113,14 @@ def run_federated(
 
 
 def _stream(command, env, log_file: Path, timeout: float, on_line) -> list[str]:
+    """Follow ``flwr run --stream``; on timeout or Ctrl-C stop the run at the SuperLink too.
+
+    Killing the ``flwr`` CLI only ends the log stream: the run itself lives in the
+    SuperLink, so it is stopped with ``flwr stop RUN_ID``.
+    """
     tail: deque[str] = deque(maxlen=40)
     started = time.monotonic()
+    run_id = None
     with open(log_file, "a", encoding="utf-8") as sink:
         process = subprocess.Popen(
             command,
@@ -122,28 +132,67 @@ def _stream(command, env, log_file: Path, timeout: float, on_line) -> list[str]:
             start_new_session=True,
         )
         assert process.stdout is not None
+        lines: queue.Queue[str | None] = queue.Queue()
+        reader = threading.Thread(target=_pump, args=(process.stdout, lines), daemon=True)
+        reader.start()
         try:
-            for line in process.stdout:
+            while True:
+                if time.monotonic() - started > timeout:
+                    raise TimeoutError
+                try:
+                    line = lines.get(timeout=1.0)
+                except queue.Empty:
+                    continue
+                if line is None:
+                    break
                 sink.write(line)
                 clean = _strip_ansi(line.rstrip("\n"))
                 tail.append(clean)
+                run_id = run_id or _run_id(clean)
                 match = _ROUND_LINE.search(clean)
                 if match:
                     log.info("%s", match.group(1))
                 if on_line is not None:
                     on_line(clean)
-                if time.monotonic() - started > timeout:
-                    raise TimeoutError
             process.wait()
-        except (TimeoutError, KeyboardInterrupt) as error:
+            process.stdout.close()
+        except BaseException as error:
+            # Whatever ends the stream (timeout, Ctrl-C, a callback) also ends the run.
             os.killpg(process.pid, signal.SIGTERM)
             process.wait()
-            if isinstance(error, KeyboardInterrupt):
-                raise
-            raise RuntimeError(
-                f"Flower run timed out after {timeout:.0f} s; log: {log_file}"
-            ) from None
+            process.stdout.close()
+            if run_id is not None:
+                stop_run(run_id, env)
+            if isinstance(error, TimeoutError):
+                raise RuntimeError(
+                    f"Flower run timed out after {timeout:.0f} s; log: {log_file}"
+                ) from None
+            raise
     return list(tail)
+
+
+def _pump(stream, lines: "queue.Queue[str | None]") -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+def stop_run(run_id: int, env: dict[str, str] | None = None) -> bool:
+    """Ask the local SuperLink to stop run ``run_id``; return whether it accepted."""
+    command = [str(Path(sys.executable).with_name("flwr")), "stop", str(run_id)]
+    result = subprocess.run(
+        command, capture_output=True, text=True, env=env, cwd=project_root(), timeout=60
+    )
+    if result.returncode != 0:
+        log.warning("could not stop Flower run %d: %s", run_id, result.stdout[-500:] + result.stderr[-500:])
+        return False
+    log.info("stopped Flower run %d", run_id)
+    return True
+
+
+def _run_id(line: str) -> int | None:
+    match = re.search(r"run_id `(\d+)`", line)
+    return int(match.group(1)) if match else None
 
 
 def _strip_ansi(text: str) -> str:
