@@ -223,3 +223,15 @@ def test_magnify_zooms_image_and_mask_together():
     assert int(zoomed_mask.sum()) == 400
     assert zoomed_mask[10:30, 10:30].all()
     assert float(zoomed_image[12:28, 12:28].min()) == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_parallel_build_equals_serial(rsna_copy, tmp_path, monkeypatch):
+    import common.data.cache as cache_module
+
+    monkeypatch.setattr(cache_module, "PARALLEL_MIN_PIXELS", 0)
+    parallel = open_cache(rsna_copy, 32, cache_dir=tmp_path / "parallel", workers=2)
+    serial = open_cache(rsna_copy, 32, cache_dir=tmp_path / "serial", workers=1)
+    assert parallel.ids == serial.ids
+    np.testing.assert_array_equal(np.asarray(parallel.images), np.asarray(serial.images))
+    np.testing.assert_array_equal(np.asarray(parallel.masks), np.asarray(serial.masks))

@@ -236,6 +236,22 @@ def test_site_styles_written_and_applied(tmp_path):
             assert np.abs(styled - plain).mean() > 0.02
 
 
+def test_site_magnification_zooms_ap_boxes_only(tmp_path):
+    zoom = [AcquisitionStyle(magnification=1.25)]
+    synthesize(tmp_path / "zoom", images=30, seed=6, image_size=SIZE, site_styles=zoom,
+               positive_rate=0.6)
+    records = {r.patient_id: r for r in load_dataset(tmp_path / "zoom").records}
+    zoomed_views = set()
+    for index in range(30):
+        case = sample_case(np.random.default_rng([6, index, 0]), positive_rate=0.6)
+        factor = 1.25 if case.view_position == "AP" else 1.0
+        expected = scale_boxes(case.boxes, image_size=SIZE, magnification=factor)
+        assert records[case.patient_id].boxes == expected
+        if case.boxes:
+            zoomed_views.add(case.view_position)
+    assert zoomed_views == {"AP", "PA"}  # both kinds of film were checked
+
+
 def test_random_site_styles_deterministic():
     first = random_site_styles(3, seed=4)
     assert first == random_site_styles(3, seed=4)

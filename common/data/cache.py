@@ -59,8 +59,10 @@ CACHE_ENV = "DPFEDSEG_CACHE"
 PROGRESS_MIN_IMAGES = 50
 """Builds of more images than this show a tqdm progress bar."""
 
-PARALLEL_MIN_IMAGES = 64
-"""Builds of fewer images decode in-process: starting worker processes costs about a second."""
+PARALLEL_MIN_PIXELS = 256 * 1024 * 1024
+"""Source pixels (summed over images) below which a build decodes in-process: starting
+spawned worker processes took 2 to 6 s on the development machine, about the time one
+core needs to decode 256 RSNA images of 1024 x 1024 (an estimate, not tuned)."""
 
 MAX_WORKERS = 8
 
@@ -143,8 +145,8 @@ def open_cache(
     image and builds its mask (see :mod:`common.data.masks` for the pixel convention). An
     image that fails to decode is left out and reported; past ``max_failure_fraction``
     failed images the build raises ``ValueError``. ``workers`` decoding processes are used
-    for builds of at least :data:`PARALLEL_MIN_IMAGES` images (default: CPU count, at most
-    :data:`MAX_WORKERS`).
+    for builds of at least :data:`PARALLEL_MIN_PIXELS` source pixels (default: CPU count,
+    at most :data:`MAX_WORKERS`).
     """
     validate_failure_fraction(max_failure_fraction)
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
@@ -224,6 +226,7 @@ def _build(
         frame = records_frame([records[i] for i in kept])
         atomic.write_text(tmp / "frame.json", frame.to_json(orient="records"))
         atomic.write_json(tmp / "meta.json", _meta(root, image_size, key, dtype, kept, report))
+        os.chmod(tmp, 0o755)  # mkdtemp creates 0700; other users of the machine may read it
         os.rename(tmp, entry)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -272,7 +275,8 @@ def _decoded_items(
 ) -> Iterator[_Decoded]:
     jobs = [(index, record, image_size, dtype.str) for index, record in enumerate(records)]
     workers = workers if workers is not None else min(os.cpu_count() or 1, MAX_WORKERS)
-    if workers <= 1 or len(jobs) < PARALLEL_MIN_IMAGES:
+    pixels = sum((r.metadata.rows or 0) * (r.metadata.columns or 0) for r in records)
+    if workers <= 1 or pixels < PARALLEL_MIN_PIXELS:
         yield from map(_decode_job, jobs)
         return
     # Spawned workers: forking a process that runs torch or Ray threads can deadlock.

@@ -178,13 +178,6 @@ class LoadedDataset:
         """
         return records_frame(self.records)
 
-    def position(self, patient_id: str) -> int:
-        """Return the index of ``patient_id`` in :attr:`records`."""
-        for index, record in enumerate(self.records):
-            if record.patient_id == patient_id:
-                return index
-        raise KeyError(f"patient {patient_id!r} is not in the dataset at {self.root}")
-
 
 def records_frame(records: list[Record]) -> pd.DataFrame:
     """Return the frame of :meth:`LoadedDataset.frame` for ``records``, in their order."""

@@ -144,7 +144,8 @@ def synthesize(
             pixels.
         site_styles: optional acquisition style per site. Image ``i`` belongs to site
             ``i % len(site_styles)``. The site's style changes its pixels (contrast, gamma,
-            noise, blur) and zooms its anatomy and boxes by ``magnification``.
+            noise, blur). Its ``magnification`` zooms the anatomy and boxes of the site's
+            AP films, which portable units take closer to the source; PA films keep 1.
         positive_rate: share of positive images; None keeps the real rate per view and sex.
     """
     _validate(images=images, seed=seed, image_size=image_size, positive_rate=positive_rate)
@@ -263,8 +264,8 @@ def scale_boxes(boxes: Sequence[Box], *, image_size: int, magnification: float) 
 def random_site_styles(sites: int, *, seed: int) -> list[AcquisitionStyle]:
     """Draw one plausible scanner style per site (:meth:`AcquisitionStyle.random`).
 
-    Each site also gets a geometric magnification in [1.0, 1.1], as from a shorter
-    source-to-detector distance.
+    Each site also gets a geometric magnification in [1.0, 1.1] for its AP films, as from
+    a shorter source-to-image distance of its portable units.
     """
     if sites < 1:
         raise ValueError(f"sites must be >= 1; got {sites}")
@@ -347,7 +348,9 @@ def _write_images(
         case = sample_case(np.random.default_rng([seed, index, _LABEL_STREAM]),
                            positive_rate=positive_rate)
         style = styles[index % len(styles)] if styles else None
-        magnification = style.magnification if style is not None else 1.0
+        magnification = 1.0
+        if style is not None and case.view_position == "AP":
+            magnification = style.magnification
         pixel_rng = np.random.default_rng([seed, index, _PIXEL_STREAM])
         anatomy = draw_anatomy(
             pixel_rng, view_position=case.view_position, finding=case.finding,
