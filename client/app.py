@@ -8,7 +8,7 @@ from flwr.clientapp import ClientApp
 from common import federation as fed
 from common.config import RunConfig
 from common.runtime import setup_logging
-from client.site import evaluate_global, train_round
+from client.site import evaluate_global, site_id, train_round
 
 app = ClientApp()
 
@@ -44,3 +44,10 @@ def evaluate(msg: Message, context: Context) -> Message:
 def _weights(msg: Message) -> dict:
     arrays = msg.content[fed.ARRAYS_KEY]
     return {key: arrays[key].numpy() for key in arrays.keys()}
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server which site this node is, so failures can be reported by site."""
+    metrics = {fed.SITE: site_id(dict(context.node_config))}
+    return Message(RecordDict({fed.METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)

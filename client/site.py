@@ -66,6 +66,17 @@ class TrainReplyContent:
     info: dict[str, str] = field(default_factory=dict)
 
 
+def site_id(node_config: Mapping[str, Any]) -> int:
+    """Return this node's site id: node config ``site``, else Flower's ``partition-id``."""
+    raw_site = node_config.get("site", node_config.get("partition-id"))
+    if raw_site is None:
+        raise ValueError(
+            "the SuperNode has no 'site' or 'partition-id' in its node config; start it with "
+            "--node-config \"site=0 data-dir='/path/to/data'\""
+        )
+    return int(raw_site)
+
+
 def resolve_site(config: RunConfig, node_config: Mapping[str, Any]) -> SiteSetup:
     """Work out the site id and folders from the node config, falling back to the run config.
 
@@ -73,13 +84,7 @@ def resolve_site(config: RunConfig, node_config: Mapping[str, Any]) -> SiteSetup
     ``--node-config "site=0 data-dir='/data' site-dir='/var/dpfedseg'"`` (``partition-id``
     is accepted for ``site``). A site without a manifest uses its whole data folder.
     """
-    raw_site = node_config.get("site", node_config.get("partition-id"))
-    if raw_site is None:
-        raise ValueError(
-            "the SuperNode has no 'site' or 'partition-id' in its node config; start it with "
-            "--node-config \"site=0 data-dir='/path/to/data'\""
-        )
-    site = int(raw_site)
+    site = site_id(node_config)
     data_dir = str(node_config.get("data-dir") or config.data_dir)
     if not data_dir:
         raise ValueError(

@@ -78,6 +78,7 @@ def run_federation(
         if not sampled:
             stop_reason = "no site with privacy budget left is connected"
             break
+        _learn_sites(grid, config, nodes, node_sites)
         train = _train_round(grid, config, server_round, weights, sampled, node_sites)
         _track_privacy(tracker, train, server_round)
         accepted = [r for r in train if r.status == STATUS_OK]
@@ -152,6 +153,23 @@ def _messages(weights, node_ids, server_round: int, message_type: str) -> list[M
         )
         for node_id in node_ids
     ]
+
+
+def _learn_sites(grid, config: RunConfig, nodes: list[int], node_sites: dict[int, int]) -> None:
+    """Ask nodes not seen before for their site id (a restarted SuperNode gets a new id)."""
+    unknown = [n for n in nodes if n not in node_sites]
+    if not unknown:
+        return
+    messages = [
+        Message(content=RecordDict({}), message_type=MessageType.QUERY, dst_node_id=node_id)
+        for node_id in unknown
+    ]
+    for reply in grid.send_and_receive(messages, timeout=min(config.round_timeout, 120)):
+        if reply.has_error():
+            log.warning("node %s did not report its site: %s", reply.metadata.src_node_id, str(reply.error.reason)[-300:])
+            continue
+        node_sites[int(reply.metadata.src_node_id)] = int(reply.content[fed.METRICS_KEY][fed.SITE])
+    log.info("sites by node: %s", {n: node_sites.get(n) for n in nodes})
 
 
 def _train_round(grid, config, server_round, weights, sampled, node_sites) -> list[TrainReply]:
