@@ -21,6 +21,12 @@ from common import federation as fed
 from common.config import RunConfig
 from common.model import build_unet, plain_state_dict
 from common.privacy.ledger import PrivacyLedger
+from common.privacy.sparse_upload import (
+    encode_update,
+    round_mask,
+    sparse_upload_applies,
+    weight_shapes,
+)
 from common.results import STATUS_OK, STATUS_REFUSED
 from client.evaluate import evaluate_model, pick_device
 from client.train import train_site
@@ -29,7 +35,6 @@ log = logging.getLogger(__name__)
 
 LEDGER_FILE = "privacy_ledger.json"
 CLIP_BOUND_FILE = "adaptive_clip_bound.json"  # adaptive clipping's bound, carried across rounds
-BYTES_PER_VALUE = 4  # float32 weights
 
 
 @dataclass(frozen=True)
@@ -177,18 +182,38 @@ def train_round(
         info.update({fed.INFO_STATUS: STATUS_REFUSED, fed.INFO_REASON: result.refused})
         metrics.update({"round_entries": 0, "steps": 0})
         return TrainReplyContent(weights=None, metrics=metrics, info=info)
-    info.update({fed.INFO_STATUS: STATUS_OK, fed.INFO_REASON: ""})
+    new_weights = {k: v.detach().cpu().numpy() for k, v in plain_state_dict(model).items()}
+    upload, upload_kind = _upload(config, weights, new_weights, server_round, setup.site)
+    info.update({fed.INFO_STATUS: STATUS_OK, fed.INFO_REASON: "", fed.INFO_UPLOAD: upload_kind})
     metrics.update(
         {
             "train_loss": float(result.train_loss),
             "steps": int(result.steps),
             "train_seconds": float(result.seconds),
-            "upload_bytes": int(result.upload_coordinates) * BYTES_PER_VALUE,
+            "upload_bytes": int(sum(np.asarray(v).nbytes for v in upload.values())),
             "round_entries": len(result.entries),
         }
     )
-    new_weights = {k: v.detach().cpu().numpy() for k, v in plain_state_dict(model).items()}
-    return TrainReplyContent(weights=new_weights, metrics=metrics, info=info)
+    return TrainReplyContent(weights=upload, metrics=metrics, info=info)
+
+
+def _upload(
+    config: RunConfig,
+    old: Mapping[str, np.ndarray],
+    new: dict[str, np.ndarray],
+    server_round: int,
+    site: int,
+) -> tuple[dict[str, np.ndarray], str]:
+    """Return the arrays to send: RS kept values when the update allows it, else weights."""
+    if sparse_upload_applies(config):
+        mask = round_mask(config, weight_shapes(old), server_round=server_round, site=site)
+        values = encode_update(old, new, mask)
+        if values is not None:
+            return {fed.SPARSE_VALUES: values}, fed.UPLOAD_SPARSE
+        log.warning(
+            "site %d: the update is not zero off the RS mask, so it is sent dense", site
+        )
+    return new, fed.UPLOAD_DENSE
 
 
 def evaluate_global(

@@ -16,6 +16,8 @@ CONFIG_KEY = "config"
 METRICS_KEY = "metrics"
 INFO_KEY = "info"
 
+SPARSE_VALUES = "rs-kept-values"  # the only array of a sparse RS upload
+
 NUM_EXAMPLES = "num-examples"  # FedAvg's weight key; Flower's default name
 SITE = "site"
 
@@ -51,6 +53,9 @@ INFO_STATUS = "status"  # ok | refused
 INFO_REASON = "reason"
 INFO_ACCOUNTANT = "accountant"
 INFO_METHOD = "method"
+INFO_UPLOAD = "upload"  # dense | sparse
+UPLOAD_DENSE = "dense"
+UPLOAD_SPARSE = "sparse"
 
 
 @dataclass(frozen=True)

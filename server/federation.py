@@ -19,6 +19,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 
 from common import federation as fed
 from common.config import RunConfig
+from common.privacy.sparse_upload import decode_update, round_mask, weight_shapes
 from common.results import STATUS_FAILED, STATUS_NOT_SAMPLED, STATUS_OK, STATUS_REFUSED
 from server.aggregate import weighted_average
 from server.replies import TrainReply, parse_evaluate_replies, parse_train_replies
@@ -175,7 +176,22 @@ def _learn_sites(grid, config: RunConfig, nodes: list[int], node_sites: dict[int
 def _train_round(grid, config, server_round, weights, sampled, node_sites) -> list[TrainReply]:
     messages = _messages(weights, sampled, server_round, MessageType.TRAIN)
     replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
-    return parse_train_replies(replies, sampled, node_sites)
+    parsed = parse_train_replies(replies, sampled, node_sites)
+    for reply in parsed:
+        if reply.status == STATUS_OK and reply.upload == fed.UPLOAD_SPARSE:
+            _densify(reply, weights, config, server_round)
+    return parsed
+
+
+def _densify(reply: TrainReply, weights, config: RunConfig, server_round: int) -> None:
+    """Rebuild a sparse RS upload into full weights with the round's mask for that site."""
+    mask = round_mask(config, weight_shapes(weights), server_round=server_round, site=reply.site)
+    try:
+        reply.weights = decode_update(weights, reply.weights[fed.SPARSE_VALUES], mask)
+    except (KeyError, ValueError) as error:
+        reply.status = STATUS_FAILED
+        reply.reason = f"invalid sparse upload: {error}"
+        reply.weights = None
 
 
 def _evaluate_round(grid, config, server_round, weights, nodes, train, node_sites):

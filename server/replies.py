@@ -31,6 +31,7 @@ class TrainReply:
     entries: list[fed.WireEntry] = field(default_factory=list)
     accountant: str = ""
     method: str = ""
+    upload: str = fed.UPLOAD_DENSE
 
 
 def parse_train_replies(
@@ -100,6 +101,7 @@ def _parse_train_content(node_id: int, content: Any) -> TrainReply:
         entries=fed.unpack_ledger(metrics),
         accountant=str(info.get(fed.INFO_ACCOUNTANT, "")),
         method=str(info.get(fed.INFO_METHOD, "")),
+        upload=str(info.get(fed.INFO_UPLOAD, fed.UPLOAD_DENSE)),
     )
     if status == STATUS_OK:
         arrays = content[fed.ARRAYS_KEY]

@@ -1,0 +1,123 @@
+"""A site's round without Flower: reply content, sparse RS uploads, refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from common import federation as fed
+from common.config import RunConfig
+from common.privacy.ledger import PrivacyLedger
+from common.privacy.sparse_upload import decode_update, encode_update, round_mask, weight_shapes
+
+ALLOWED_METRICS = {
+    fed.SITE, fed.NUM_EXAMPLES, "epsilon", "delta", "noise_multiplier", "sample_rate",
+    fed.LEDGER_NOISE, fed.LEDGER_RATE, fed.LEDGER_STEPS, fed.LEDGER_ROUND, *fed.TRAIN_METRIC_KEYS,
+}
+ALLOWED_INFO = {fed.INFO_STATUS, fed.INFO_REASON, fed.INFO_ACCOUNTANT, fed.INFO_METHOD, fed.INFO_UPLOAD}
+
+
+@pytest.fixture(scope="module")
+def site_data(tmp_path_factory):
+    from common.data import load_dataset, synthesize
+    from common.sites import partition, write_manifest
+
+    root = tmp_path_factory.mktemp("site") / "data"
+    synthesize(root, images=16, seed=5, image_size=64, positive_rate=0.5)
+    part = partition(load_dataset(root).frame(), setup="iid", num_sites=2, seed=0, min_site_size=4)
+    manifest = root.parent / "manifest.csv"
+    write_manifest(part, manifest)
+    return root, manifest
+
+
+def _config(tmp_path, site_data, **changes) -> RunConfig:
+    root, manifest = site_data
+    return RunConfig(
+        method="rs", num_server_rounds=2, encoder="resnet18", image_size=32, batch_size=2,
+        data_dir=str(root), manifest=str(manifest), output_dir=str(tmp_path / "run"),
+        cache_dir=str(tmp_path / "cache"),
+    ).replace(**changes)
+
+
+def _initial(config: RunConfig) -> dict[str, np.ndarray]:
+    from common.model import build_unet, plain_state_dict
+
+    torch.manual_seed(0)
+    model = build_unet(encoder=config.encoder, group_norm_groups=config.group_norm_groups)
+    return {k: v.numpy() for k, v in plain_state_dict(model).items()}
+
+
+def test_reply_holds_weights_and_metrics_only(tmp_path, site_data):
+    from client.site import train_round
+
+    config = _config(tmp_path, site_data, method="automatic")
+    start = _initial(config)
+    reply = train_round(config, {"partition-id": 1}, start, server_round=1)
+
+    assert list(reply.weights) == list(start)
+    for key, value in reply.weights.items():
+        assert value.shape == start[key].shape
+    assert set(reply.metrics) <= ALLOWED_METRICS
+    assert set(reply.info) <= ALLOWED_INFO
+    for key, value in reply.metrics.items():
+        if isinstance(value, list):
+            assert len(value) == 1, key  # one ledger entry: one round
+        else:
+            assert np.isscalar(value), key
+    assert reply.metrics[fed.SITE] == 1
+    assert reply.info[fed.INFO_STATUS] == "ok"
+    assert reply.info[fed.INFO_UPLOAD] == fed.UPLOAD_DENSE
+    total = sum(v.nbytes for v in start.values())
+    assert reply.metrics["upload_bytes"] == total
+
+
+def test_rs_round_uploads_kept_values_only(tmp_path, site_data):
+    from client.site import train_round
+
+    config = _config(tmp_path, site_data, method="rs", rs_final_rate=0.9)
+    start = _initial(config)
+    # Round 2 of 2 is the last RS window: rate 0.9.
+    reply = train_round(config, {"partition-id": 0}, start, server_round=2)
+    assert reply.info[fed.INFO_UPLOAD] == fed.UPLOAD_SPARSE
+    values = reply.weights[fed.SPARSE_VALUES]
+    mask = round_mask(config, weight_shapes(start), server_round=2, site=0)
+    d = sum(v.size for v in start.values())
+    assert mask.num_zeroed == int(0.9 * d)
+    assert values.shape == (d - int(0.9 * d),)
+    assert reply.metrics["upload_bytes"] == values.nbytes
+    rebuilt = decode_update(start, values, mask)
+    changed = sum(int(np.count_nonzero(rebuilt[k] != start[k])) for k in start)
+    assert 0 < changed <= mask.num_kept
+
+
+def test_sparse_codec_round_trips_and_rejects_dense_updates():
+    old = {"a": np.zeros((3, 4), np.float32), "b": np.ones(5, np.float32)}
+    config = RunConfig(method="rs", num_server_rounds=1, rs_final_rate=0.5)
+    mask = round_mask(config, weight_shapes(old), server_round=1, site=0)
+    assert mask.num_zeroed == 8  # floor(0.5 * 17)
+    new = {k: v.copy() for k, v in old.items()}
+    for (key, value), kept in zip(new.items(), mask.kept):
+        value[kept.numpy()] += 0.25
+    values = encode_update(old, new, mask)
+    assert values.shape == (9,)
+    rebuilt = decode_update(old, values, mask)
+    for key in old:
+        np.testing.assert_array_equal(rebuilt[key], new[key])
+    new["a"][~mask.kept[0].numpy()] = 1.0  # a change on a masked coordinate
+    assert encode_update(old, new, mask) is None
+    with pytest.raises(ValueError, match="keeps 9 coordinates"):
+        decode_update(old, values[:-1], mask)
+
+
+def test_site_refuses_round_past_budget(tmp_path, site_data):
+    from client.site import resolve_site, train_round
+
+    config = _config(tmp_path, site_data, method="flat", target_epsilon=0.5)
+    start = _initial(config)
+    reply = train_round(config, {"partition-id": 0}, start, server_round=1)
+    assert reply.weights is None
+    assert reply.info[fed.INFO_STATUS] == "refused"
+    assert "0.5" in reply.info[fed.INFO_REASON]
+    ledger = PrivacyLedger(resolve_site(config, {"partition-id": 0}).ledger_path, delta=config.delta)
+    assert ledger.entries == ()
