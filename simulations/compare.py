@@ -37,6 +37,7 @@ from simulations.summary import (
     MANIFEST_DIR,
     METHOD_FOLDERS,
     PLAN_FILE,
+    RUN_KEYS,
     SUMMARY_CSV,
     SUMMARY_MD,
     claims,
@@ -81,7 +82,7 @@ class PlannedRun:
         return run_name(self.setup, self.seed, self.sweep_epsilon)
 
     def folder(self, outputs: Path) -> Path:
-        """The run folder under ``outputs``."""
+        """Return the run folder under ``outputs``."""
         return Path(outputs) / METHOD_FOLDERS[self.method] / self.name
 
     def label(self) -> str:
@@ -216,8 +217,8 @@ def resume_action(folder: Path) -> str:
 def check_saved_config(folder: Path, config: RunConfig) -> None:
     """Raise ValueError when the run in ``folder`` was made with other settings than ``config``.
 
-    Compares every setting but paths and limits (:data:`_UNCOMPARED_KEYS`); the noise
-    multiplier is left out when it is calibrated, because the saved one is the calibrated value.
+    Every setting but paths and limits (:data:`_UNCOMPARED_KEYS`) is compared. A calibrated
+    noise multiplier is left out, because the saved one is the calibrated value.
     """
     saved_file = folder / results.CONFIG_FILE
     if not saved_file.is_file():
@@ -309,34 +310,28 @@ def run_comparison(
     prepare_manifest = prepare_manifest or ManifestBuilder()
     plan = plan_runs(spec)
     ledger = _PlanFile(spec, plan)
+    _log_start(spec, plan)
     timer = TimeLeft(len(plan))
     failures = []
     manifests: dict[tuple[str, int], Path] = {}
     for index, run in enumerate(plan, 1):
-        folder = run.folder(spec.outputs)
+        counter = f"[{index}/{len(plan)}] {run.label()}"
         key = (run.setup, run.seed)
         if key not in manifests:
             manifests[key] = prepare_manifest(spec, run.setup, run.seed)
         config = run_config_for(spec, run, manifests[key])
-        action = resume_action(folder)
+        action = resume_action(run.folder(spec.outputs))
         if action != START:
-            check_saved_config(folder, config)
+            check_saved_config(run.folder(spec.outputs), config)
         if action == SKIP:
-            log.info("[%d/%d] %s finished earlier: skipped", index, len(plan), run.label())
+            log.info("%s finished earlier: skipped", counter)
             ledger.update(run, state="complete")
             timer.skip()
             continue
-        log.info("[%d/%d] %s: %s", index, len(plan), run.label(),
-                 "resuming from its checkpoint" if action == RESUME else "starting")
+        log.info("%s: %s", counter, "resuming from its checkpoint" if action == RESUME else "starting")
         started = time.monotonic()
         try:
-            with RunProgress(folder, total=config.num_server_rounds, label=run.label()) as bar:
-                runner(
-                    config.replace(resume=action == RESUME),
-                    num_sites=spec.num_sites,
-                    timeout=spec.run_timeout,
-                    on_line=bar.poll,
-                )
+            _run_one(spec, run, config.replace(resume=action == RESUME), runner)
         except RuntimeError as error:
             log.error("%s failed: %s", run.label(), error)
             failures.append(run.label())
@@ -346,8 +341,7 @@ def run_comparison(
         seconds = time.monotonic() - started
         ledger.update(run, state="complete", seconds=seconds)
         timer.finished(seconds)
-        log.info("[%d/%d] %s finished in %.0f s; %s", index, len(plan), run.label(), seconds,
-                 timer.describe())
+        log.info("%s finished in %.0f s; %s", counter, seconds, timer.describe())
     written = write_report(spec.outputs) if _any_finished(spec, plan) else []
     if failures:
         raise RuntimeError(
@@ -355,6 +349,26 @@ def run_comparison(
             "in each run folder (flower.log); rerun the same command to retry them"
         )
     return written
+
+
+def _run_one(spec: CompareSpec, run: PlannedRun, config: RunConfig, runner: Runner) -> None:
+    """Run one federated job under a progress bar; RuntimeError when it fails."""
+    with RunProgress(run.folder(spec.outputs), total=config.num_server_rounds,
+                     label=run.label()) as bar:
+        runner(config, num_sites=spec.num_sites, timeout=spec.run_timeout, on_line=bar.poll)
+
+
+def _log_start(spec: CompareSpec, plan: list[PlannedRun]) -> None:
+    done = sum(resume_action(run.folder(spec.outputs)) == SKIP for run in plan)
+    log.info(
+        "comparison of %s on %s, seeds %s, %d sites, privacy matched by %s%s: %d runs "
+        "(%d finished earlier) in %s, data %s",
+        ", ".join(spec.methods), ", ".join(spec.setups), ", ".join(map(str, spec.seeds)),
+        spec.num_sites, "calibrated target epsilon" if spec.sweep_epsilons else spec.match,
+        f" ({', '.join(f'{e:g}' for e in spec.sweep_epsilons)})" if spec.sweep_epsilons else "",
+        len(plan), done, spec.outputs, spec.data_dir,
+    )
+    log.info("shared run settings: %s", spec.base.to_run_config())
 
 
 def _any_finished(spec: CompareSpec, plan: list[PlannedRun]) -> bool:
@@ -434,7 +448,11 @@ class RunProgress:
 
     def __enter__(self) -> "RunProgress":
         from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
+        # Log lines go through tqdm.write while the bar is shown, so they do not cut it.
+        self._redirect = logging_redirect_tqdm()
+        self._redirect.__enter__()
         self._bar = tqdm(total=self.total, desc=self.label, unit="round", leave=True)
         self._bar.update(self.rounds_done())
         return self
@@ -442,6 +460,7 @@ class RunProgress:
     def __exit__(self, *exc) -> None:
         self.poll(force=True)
         self._bar.close()
+        self._redirect.__exit__(*exc)
 
     def poll(self, line: str = "", *, force: bool = False) -> None:
         """Advance the bar to the number of rounds saved so far."""
@@ -484,7 +503,7 @@ class TimeLeft:
         self.seconds.append(seconds)
 
     def describe(self) -> str:
-        """Return e.g. ``about 3 min 20 s left for 4 runs (mean 50 s per run)``."""
+        """Return e.g. ``about 3 min 20 s left for 4 runs (estimate: mean 50 s per run so far)``."""
         remaining = self.total - self.done
         if remaining == 0:
             return "all runs done"
@@ -539,6 +558,6 @@ def write_report(outputs: Path) -> list[Path]:
         ]
     )
     atomic.write_text(folder / SUMMARY_MD, text)
-    log.info("report written to %s (%d runs)", folder, len(rounds.groupby(["method", "setup",
-             "sweep_epsilon", "seed"], dropna=False)))
+    runs = rounds.groupby(list(RUN_KEYS), dropna=False).ngroups
+    log.info("report written to %s (%d runs)", folder, runs)
     return [*figures, folder / SUMMARY_CSV, folder / SUMMARY_MD]

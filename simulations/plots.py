@@ -71,16 +71,27 @@ def write_plots(rounds: pd.DataFrame, folder: Path) -> list[Path]:
 
 
 def plot_accuracy(by_round: pd.DataFrame, path: Path) -> Path:
-    """Validation Dice (mean over sites) per round: mean and 95% band over seeds per method."""
+    """Validation Dice per round, over all images and over positive images only.
+
+    Each value is the mean over sites; lines are the mean over seeds with a 95% band. The
+    positive-only row matters because an all-empty prediction already scores well on the
+    negative images.
+    """
     return _per_round_figure(
-        by_round, "val_dice", path, ylabel="validation Dice (mean over sites)", title="Accuracy"
+        by_round,
+        [
+            ("val_dice", "validation Dice, all images\n(mean over sites)"),
+            ("val_dice_positive", "validation Dice, positive images\n(mean over sites)"),
+        ],
+        path,
+        title="Accuracy",
     )
 
 
 def plot_round_time(by_round: pd.DataFrame, path: Path) -> Path:
     """Server wall time per round: mean and 95% band over seeds per method."""
     return _per_round_figure(
-        by_round, "round_seconds", path, ylabel="round wall time (s)", title="Time per round"
+        by_round, [("round_seconds", "round wall time (s)")], path, title="Time per round"
     )
 
 
@@ -88,7 +99,7 @@ def plot_communication(by_round: pd.DataFrame, path: Path) -> Path:
     """Bytes one site uploads per round (mean over uploading sites), per method."""
     frame = by_round.assign(upload_mib=by_round["upload_bytes"] / _MIB)
     return _per_round_figure(
-        frame, "upload_mib", path, ylabel="upload per site (MiB)", title="Communication per round"
+        frame, [("upload_mib", "upload per site (MiB)")], path, title="Communication per round"
     )
 
 
@@ -196,20 +207,22 @@ def plot_privacy_utility(final: pd.DataFrame, path: Path) -> Path:
 
 
 def _per_round_figure(
-    by_round: pd.DataFrame, column: str, path: Path, *, ylabel: str, title: str
+    by_round: pd.DataFrame, rows: list[tuple[str, str]], path: Path, *, title: str
 ) -> Path:
+    """Draw one row of panels per ``(column, ylabel)`` in ``rows``, one panel per setup."""
     panels = _panel_keys(by_round)
-    fig, axes = _figure(1, len(panels))
-    for col, (panel, label) in enumerate(panels):
-        ax = axes[0][col]
-        data = _select(by_round, panel)
-        for method in method_order(data["method"]):
-            _band(ax, data[data["method"] == method], column, method)
-        ax.set_xlabel("server round")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(ylabel)
-        ax.set_title(label, fontsize=9)
-        ax.legend(fontsize=7)
+    fig, axes = _figure(len(rows), len(panels))
+    for row, (column, ylabel) in enumerate(rows):
+        for col, (panel, label) in enumerate(panels):
+            ax = axes[row][col]
+            data = _select(by_round, panel)
+            for method in method_order(data["method"]):
+                _band(ax, data[data["method"] == method], column, method)
+            ax.set_xlabel("server round")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylabel(ylabel)
+            ax.set_title(label, fontsize=9)
+            ax.legend(fontsize=7)
     fig.suptitle(title)
     return _save(fig, path)
 

@@ -212,7 +212,8 @@ def load_outputs(outputs: Path, *, complete_only: bool = True) -> pd.DataFrame:
 def per_round(rounds: pd.DataFrame) -> pd.DataFrame:
     """Reduce ``rounds`` to one row per run and ``server_round``.
 
-    Columns: ``val_dice`` (mean over sites), ``epsilon_max`` (max over sites),
+    Columns: ``val_dice`` and ``val_dice_positive`` (mean over sites), ``epsilon_max``
+    (max over sites),
     ``upload_bytes`` (mean over the sites that uploaded, in bytes), ``upload_bytes_total``,
     ``round_seconds`` (server wall time of the round), ``train_seconds`` (mean over sites).
     """
@@ -223,6 +224,7 @@ def per_round(rounds: pd.DataFrame) -> pd.DataFrame:
     grouped = frame.groupby(keys, dropna=False)
     out = grouped.agg(
         val_dice=("val_dice", "mean"),
+        val_dice_positive=("val_dice_positive", "mean"),
         epsilon_max=("epsilon_site", "max"),
         upload_bytes=("upload_ok", "mean"),
         upload_bytes_total=("upload_ok", "sum"),
