@@ -368,7 +368,9 @@ def _log_start(spec: CompareSpec, plan: list[PlannedRun]) -> None:
         f" ({', '.join(f'{e:g}' for e in spec.sweep_epsilons)})" if spec.sweep_epsilons else "",
         len(plan), done, spec.outputs, spec.data_dir,
     )
-    log.info("shared run settings: %s", spec.base.to_run_config())
+    per_run = {"method", "seed", "data-dir", "manifest", "output-dir", "resume", "calibrate-noise"}
+    shared = {k: v for k, v in spec.base.to_run_config().items() if k not in per_run}
+    log.info("settings shared by every run: %s", shared)
 
 
 def _any_finished(spec: CompareSpec, plan: list[PlannedRun]) -> bool:

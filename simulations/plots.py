@@ -124,6 +124,7 @@ def plot_privacy(rounds: pd.DataFrame, path: Path) -> Path:
             for site in per_site.columns:
                 ax.plot(per_site.index, per_site[site], lw=1, alpha=0.7, label=f"site {site}")
             ax.plot(per_site.index, per_site.max(axis=1), "k--", lw=2.2, label="max over sites")
+            ax.set_ylim(bottom=0.0)
             delta = data["delta"].dropna()
             accountant = "/".join(sorted(set(data["accountant"].dropna().astype(str))))
             ax.set_title(f"{label}: {METHOD_LABELS.get(method, method)}", fontsize=9)
