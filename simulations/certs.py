@@ -4,7 +4,7 @@ A deployment needs three TLS files: a certificate authority (CA) that every Supe
 the ``flwr`` CLI trust (``--root-certificates``), and the SuperLink's certificate and key
 signed by that CA (``--ssl-certfile``, ``--ssl-keyfile``, with the CA as
 ``--ssl-ca-certfile``). The server certificate must name every address clients dial in
-its subjectAltName (SAN): TLS clients check the SAN, not the common name (RFC 6125 §6.4.4).
+its subjectAltName (SAN), because TLS clients match the dialled host against the SAN.
 
 SuperNode authentication (``--enable-supernode-auth``) uses one elliptic-curve key pair
 per SuperNode in OpenSSH format: the SuperNode signs with the private key
@@ -12,7 +12,7 @@ per SuperNode in OpenSSH format: the SuperNode signs with the private key
 ``flwr supernode register``. Flower 1.42 accepts only NIST curves there; P-384 is used.
 
 Everything is generated with the ``cryptography`` package, which Flower depends on.
-Private keys are written with mode 0600.
+Private keys are written with mode 0600, certificates and public keys with 0644.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ CA_FILE = "ca.pem"
 SERVER_CERT_FILE = "server.pem"
 SERVER_KEY_FILE = "server.key"
 _CLOCK_SKEW = datetime.timedelta(minutes=5)  # start validity a little earlier than now
-_TLS_CURVE = ec.SECP256R1()  # the curve every TLS stack supports
-_AUTH_CURVE = ec.SECP384R1()  # the curve Flower's documentation uses for SuperNode keys
+_TLS_CURVE = ec.SECP256R1()  # P-256, supported by the TLS libraries Flower's clients use
+_AUTH_CURVE = ec.SECP384R1()  # P-384, the curve `flwr supernode register --help` names
 
 
 @dataclass(frozen=True)
@@ -205,10 +205,21 @@ def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    # mkstemp creates the temporary file with mode 0600, so the key is never readable by
-    # others, not even between the write and the rename; chmod states the mode explicitly.
-    atomic.write_bytes(path, data)
-    os.chmod(path, 0o600)
+    # Not common.atomic: it gives files the umask's permissions, and a private key must be
+    # 0600 from its first byte. The file is created 0600 beside ``path`` and renamed over it.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o600)  # O_CREAT's mode does not apply when the file already existed
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _write_public(path: Path, data: bytes) -> None:

@@ -21,6 +21,7 @@ Everything listens on 127.0.0.1 only.
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import logging
 import os
@@ -31,13 +32,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from common import atomic
 from common.config import RunConfig
-from common.results import STATUS_FILE
+from common.results import ROUNDS_FILE, STATUS_FAILED, STATUS_FILE, STATUS_REFUSED
 from common.runtime import configure_environment, project_root
 from simulations.certs import TlsFiles, generate_node_key, generate_tls
 from simulations.flower_run import _ROUND_LINE, _strip_ansi, resolve_paths, write_run_config
@@ -283,6 +285,8 @@ class ManagedProcess:
 
     def wait_for_port(self, timeout: float = READY_TIMEOUT) -> None:
         """Block until the process accepts connections on its port; raise when it exits or times out."""
+        if self.port is None:
+            raise ValueError(f"{self.name} was started without a port to wait for")
         deadline = time.monotonic() + timeout
         while not port_open(self.port):
             if self.popen.poll() is not None:
@@ -505,6 +509,26 @@ def deploy_environment(flwr_home: Path) -> dict[str, str]:
 # ----- the deployment ---------------------------------------------------------------------
 
 
+class Deadline:
+    """A point in time ``seconds`` from now that bounds every wait of one deployment."""
+
+    def __init__(self, seconds: float):
+        if seconds <= 0:
+            raise ValueError(f"the deployment timeout must be positive seconds; got {seconds!r}")
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+
+    def expired(self) -> bool:
+        return time.monotonic() > self.end
+
+    def cap(self, seconds: float) -> float:
+        """Return ``seconds`` or the time left, whichever is shorter; raise when none is left."""
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise RuntimeError(f"the deployment timed out after {self.seconds:.0f} s before the run started")
+        return min(seconds, left)
+
+
 @dataclass
 class DeployResult:
     """Where a finished deployment left its results and how each process ended."""
@@ -533,16 +557,20 @@ def run_deployment(
     ``timeout`` bounds the whole deployment in seconds (default: two round timeouts per
     round plus 300 s). ``on_line`` gets every line of ``flwr run``'s output, and
     ``after_start`` the process group once ``flwr run`` started (tests use it to kill a
-    SuperNode). ``app_dir`` is the Flower app to run (default: this project). Raises RuntimeError with the tail of the relevant log when the SuperLink
-    dies, every SuperNode dies, the deadline passes or the run does not complete.
+    SuperNode). ``app_dir`` is the Flower app to run (default: this project).
+
+    Raises RuntimeError with the tail of the relevant log when the SuperLink dies, every
+    SuperNode dies, the deadline passes, the run does not complete, or no site trained.
     """
     if not sites:
         raise ValueError("a deployment needs at least one site")
+    if supernode_auth and not tls:
+        raise ValueError("SuperNode authentication needs TLS; set tls=True (--tls)")
     workdir = Path(workdir).expanduser().resolve()
     config = resolve_paths(config.replace(num_sites=len(sites)))
     if timeout is None:
         timeout = config.num_server_rounds * 2 * config.round_timeout + RUN_TIMEOUT_GRACE
-    deadline = time.monotonic() + timeout
+    deadline = Deadline(timeout)
     flwr_home = workdir / "flwr"
     flwr_home.mkdir(parents=True, exist_ok=True)
     env = deploy_environment(flwr_home)
@@ -577,27 +605,28 @@ def _deploy(config, sites, group, workdir, env, *, tls, supernode_auth, deadline
         log.info("TLS: CA certificate %s, server certificate %s", tls_files.ca_cert, tls_files.server_cert)
     superlink = start_superlink(
         group, workdir, tls_files=tls_files, supernode_auth=supernode_auth,
-        timeout=min(READY_TIMEOUT, _left(deadline)),
+        timeout=deadline.cap(READY_TIMEOUT),
     )
     ca_cert = tls_files.ca_cert if tls_files else None
     supernodes = []
     for site in sites:
         key = None
         if supernode_auth:
-            key = register_supernode(f"site-{site.site}", group, timeout=min(REGISTER_TIMEOUT, _left(deadline)))
+            key = register_supernode(f"site-{site.site}", group, timeout=deadline.cap(REGISTER_TIMEOUT))
         supernodes.append(
             start_supernode(group, site, superlink_port=superlink.port, ca_cert=ca_cert, auth_key=key)
         )
     for node in supernodes:
-        node.wait_for_port(min(READY_TIMEOUT, _left(deadline)))
+        node.wait_for_port(deadline.cap(READY_TIMEOUT))
 
     config_file = workdir / RUN_CONFIG_FILE
     write_run_config(config, config_file)
+    started_ns = time.time_ns()
     run = group.start("flwr-run", flwr_run_command(config_file, app_dir=app_dir))
     if after_start is not None:
         after_start(group)
     _follow_run(run, superlink, supernodes, group, deadline, on_line)
-    return _read_status(Path(config.output_dir), run, superlink)
+    return _read_status(Path(config.output_dir), run, superlink, since_ns=started_ns)
 
 
 def start_superlink(
@@ -688,9 +717,9 @@ def _follow_run(run, superlink, supernodes, group, deadline, on_line) -> None:
                 )
         if len(warned) == len(supernodes):
             raise RuntimeError(f"every SuperNode exited; the run cannot go on. See the logs in {run.log_path.parent}")
-        if time.monotonic() > deadline:
+        if deadline.expired():
             raise RuntimeError(
-                f"the deployment timed out; log {run.log_path}:\n{run.tail()}"
+                f"the deployment timed out after {deadline.seconds:.0f} s; log {run.log_path}:\n{run.tail()}"
             )
         time.sleep(POLL_INTERVAL)
 
@@ -714,26 +743,49 @@ def _read_new_lines(path: Path, offset: int, on_line) -> int:
     return offset + end
 
 
-def _read_status(run_dir: Path, run: ManagedProcess, superlink: ManagedProcess) -> dict:
+def _read_status(run_dir: Path, run: ManagedProcess, superlink: ManagedProcess, *, since_ns: int) -> dict:
+    """Return the run's ``status.json``; raise unless this run wrote it and marked it complete."""
     status_file = run_dir / STATUS_FILE
     try:
         status = json.loads(status_file.read_text())
+        fresh = status_file.stat().st_mtime_ns >= since_ns
     except (OSError, ValueError):
-        status = {}
-    if run.returncode != 0 or not status.get("complete"):
+        status, fresh = {}, False
+    if run.returncode != 0 or not fresh or not status.get("complete"):
+        written = "" if fresh or not status else " (left by an earlier run)"
         raise RuntimeError(
             f"the run did not complete (flwr run {run.describe_exit()}, status "
-            f"{status or 'missing'} in {status_file}); log {run.log_path}:\n{run.tail()}\n"
+            f"{status or 'missing'}{written} in {status_file}); log {run.log_path}:\n{run.tail()}\n"
             f"--- last lines of {superlink.log_path} ---\n{superlink.tail(15)}"
         )
+    _report_sites(run_dir)
     return status
 
 
-def _left(deadline: float) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise RuntimeError("the deployment timed out before the run started")
-    return left
+def _report_sites(run_dir: Path) -> None:
+    """Log each site's round outcomes; raise when no site trained in any round of the run."""
+    try:
+        with open(run_dir / ROUNDS_FILE, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except OSError:
+        rows = []
+    by_site: dict[str, list[dict]] = {}
+    for row in rows:
+        by_site.setdefault(row["site"], []).append(row)
+    for site, site_rows in sorted(by_site.items(), key=lambda item: int(item[0])):
+        counts = Counter(row["status"] for row in site_rows)
+        summary = ", ".join(f"{status} {count}" for status, count in sorted(counts.items()))
+        problems = [row for row in site_rows if row["status"] in (STATUS_FAILED, STATUS_REFUSED)]
+        if problems:
+            last = problems[-1]
+            log.warning("site %s: %s; round %s: %s", site, summary, last["server_round"], last["reason"][-300:])
+        else:
+            log.info("site %s: %s", site, summary)
+    if rows and all(row["status"] == STATUS_FAILED for row in rows):
+        raise RuntimeError(
+            f"the run finished but no site trained in any round; first error: {rows[0]['reason'][-500:]} "
+            f"(see {run_dir / ROUNDS_FILE} and the supernode logs)"
+        )
 
 
 def _remove_database(path: Path) -> None:

@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -304,3 +305,192 @@ def test_supernode_auth_rejects_unregistered_key(tmp_path):
     finally:
         group.close()
     assert group.alive() == []
+
+
+@pytest.mark.slow
+def test_deploy_timeout_stops_everything(tmp_path):
+    from common.config import RunConfig
+
+    workdir = tmp_path / "deploy"
+    sites = [deploy.SiteSpec(site=0, data_dir=tmp_path, site_dir=tmp_path / "site-0")]
+    config = RunConfig(output_dir=str(tmp_path / "run"))
+
+    with pytest.raises(RuntimeError, match="timed out|did not open port"):
+        deploy.run_deployment(config, sites, workdir=workdir, timeout=1.0)
+    summary = json.loads((workdir / deploy.SUMMARY_FILE).read_text())
+
+    assert summary["processes"][0]["name"] == "superlink"
+    assert all(p["returncode"] is not None for p in summary["processes"])
+    assert _processes_mentioning(str(workdir)) == []
+
+
+# ----- the federated job as real processes --------------------------------------------------
+
+DEPLOY_DEADLINE = 600.0  # seconds; bounds each whole deployment even on a loaded machine
+TARGET_EPSILON = 50.0  # the tiny sites (q = 4/6) spend about 6 per round at sigma 1
+
+
+@pytest.fixture(scope="module")
+def sample_manifest(rsna_sample, tmp_path_factory) -> Path:
+    """A 2-site iid manifest of the 16 real RSNA images (6 train, 1 val, 1 test per site)."""
+    from common.sites import partition, write_manifest
+    from simulations.cmd_sites import load_records
+
+    frame, source = load_records(rsna_sample)
+    split = partition(
+        frame, setup="iid", num_sites=2, seed=0, min_site_size=4, holdout_fraction=0.0,
+        expected_batch_size=4,
+    )
+    path = tmp_path_factory.mktemp("manifest") / "sites.csv"
+    write_manifest(split, path, source=source)
+    return path
+
+
+def _tiny_config(workdir: Path, cache: Path, *, rounds: int):
+    from common.config import RunConfig
+
+    return RunConfig(
+        encoder="resnet18", image_size=32, batch_size=4, num_server_rounds=rounds,
+        target_epsilon=TARGET_EPSILON, round_timeout=300,
+        output_dir=str(workdir / "run"), cache_dir=str(cache),
+    )
+
+
+def _rows(run_dir: Path):
+    import pandas as pd
+
+    from common.results import ROUNDS_FILE
+
+    rows = pd.read_csv(run_dir / ROUNDS_FILE, keep_default_na=False, na_values=[""])
+    return rows.sort_values(["server_round", "site"]).reset_index(drop=True)
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    """Return the command lines of live processes that contain ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if text in command and state not in ("Z", "X"):
+            found.append(f"{entry.name}: {command}")
+    return found
+
+
+def _assert_all_stopped(result) -> None:
+    superlink_port = next(p["port"] for p in result.processes if p["name"] == "superlink")
+    assert [p.pid for p in result.seen if deploy.is_alive(p)] == []
+    assert _processes_mentioning(f"127.0.0.1:{superlink_port}") == []
+    assert _processes_mentioning(str(result.workdir)) == []
+
+
+def _site_epsilon(site: deploy.SiteSpec) -> tuple[int, float]:
+    """Return the number of entries in the site's own ledger and the epsilon they give."""
+    from common.privacy.ledger import PrivacyLedger
+
+    ledger = PrivacyLedger(site.site_dir / "privacy_ledger.json", delta=1e-5, target_epsilon=TARGET_EPSILON)
+    return len(ledger.entries), ledger.epsilon("rdp")
+
+
+@pytest.mark.slow
+def test_deploy_two_sites_loopback(rsna_sample, sample_manifest, tmp_path):
+    workdir = tmp_path / "deploy"
+    sites = deploy.plan_sites(2, workdir=workdir, data_dir=rsna_sample, manifest=sample_manifest)
+    config = _tiny_config(workdir, tmp_path / "cache", rounds=2)
+
+    result = deploy.run_deployment(config, sites, workdir=workdir, timeout=DEPLOY_DEADLINE)
+    rows = _rows(result.run_dir)
+
+    assert result.status["complete"] is True
+    assert result.status["last_round"] == 2
+    assert list(zip(rows.server_round, rows.site, rows.status)) == [
+        (1, 0, "ok"), (1, 1, "ok"), (2, 0, "ok"), (2, 1, "ok"),
+    ]
+    for site in sites:
+        entries, epsilon = _site_epsilon(site)
+        last = rows[(rows.site == site.site) & (rows.server_round == 2)].iloc[0]
+        assert site.site_dir == workdir / "sites" / f"site-{site.site}"
+        assert entries == 2
+        assert last.epsilon_server == pytest.approx(epsilon, rel=1e-9)
+        assert last.epsilon == pytest.approx(epsilon, rel=1e-9)
+        assert epsilon <= TARGET_EPSILON
+    assert {p["name"]: p["returncode"] for p in result.processes}["flwr-run"] == 0
+    _assert_all_stopped(result)
+
+
+@pytest.mark.slow
+def test_deploy_tls_supernode_auth(rsna_sample, sample_manifest, tmp_path):
+    workdir = tmp_path / "deploy"
+    sites = deploy.plan_sites(2, workdir=workdir, data_dir=rsna_sample, manifest=sample_manifest)
+    config = _tiny_config(workdir, tmp_path / "cache", rounds=1)
+
+    result = deploy.run_deployment(
+        config, sites, workdir=workdir, tls=True, supernode_auth=True, timeout=DEPLOY_DEADLINE
+    )
+    rows = _rows(result.run_dir)
+    commands = {p["name"]: p["command"] for p in result.processes}
+
+    assert result.status["complete"] is True
+    assert list(zip(rows.site, rows.status)) == [(0, "ok"), (1, "ok")]
+    assert "--insecure" not in commands["superlink"]
+    assert "--enable-supernode-auth" in commands["superlink"]
+    for site in sites:
+        command = commands[f"supernode-{site.site}"]
+        assert "--insecure" not in command
+        assert command[command.index("--root-certificates") + 1] == str(workdir / "certs" / "ca.pem")
+        assert "--auth-supernode-private-key" in command
+        assert _site_epsilon(site)[0] == 1
+    _assert_all_stopped(result)
+
+
+def _kill_when(process: deploy.ManagedProcess, text: str, *, occurrence: int, timeout: float) -> threading.Thread:
+    """SIGKILL ``process``'s group once its log contains ``text`` ``occurrence`` times."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and process.returncode is None:
+            if deploy.tail_file(process.log_path, 400).count(text) >= occurrence:
+                os.killpg(process.pid, signal.SIGKILL)
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("DPFEDSEG_FAULT_TESTS") != "1",
+    reason="waits out Flower's ~60 s heartbeat timeout for the killed SuperNode; "
+    "run with DPFEDSEG_FAULT_TESTS=1",
+)
+def test_deploy_survives_killed_supernode(rsna_sample, sample_manifest, tmp_path):
+    workdir = tmp_path / "deploy"
+    sites = deploy.plan_sites(2, workdir=workdir, data_dir=rsna_sample, manifest=sample_manifest)
+    config = _tiny_config(workdir, tmp_path / "cache", rounds=2)
+    watchers = []
+
+    def kill_site_1_in_round_2(group: deploy.ProcessGroup) -> None:
+        # Round 2, so the server already knows which site the node is.
+        node = next(p for p in group.processes if p.name == "supernode-1")
+        watchers.append(_kill_when(node, "Receiving: train message", occurrence=2, timeout=DEPLOY_DEADLINE))
+
+    result = deploy.run_deployment(
+        config, sites, workdir=workdir, timeout=DEPLOY_DEADLINE, after_start=kill_site_1_in_round_2
+    )
+    rows = _rows(result.run_dir)
+    exits = {p["name"]: p["exit"] for p in result.processes}
+
+    assert exits["supernode-1"] == "died by SIGKILL"
+    assert result.status["complete"] is True
+    assert list(zip(rows.server_round, rows.site, rows.status)) == [
+        (1, 0, "ok"), (1, 1, "ok"), (2, 0, "ok"), (2, 1, "failed"),
+    ]
+    assert _site_epsilon(sites[0])[0] == 2
+    assert _site_epsilon(sites[1])[0] in (1, 2)  # killed before or after recording its steps
+    _assert_all_stopped(result)
