@@ -213,9 +213,9 @@ def per_round(rounds: pd.DataFrame) -> pd.DataFrame:
     """Reduce ``rounds`` to one row per run and ``server_round``.
 
     Columns: ``val_dice`` and ``val_dice_positive`` (mean over sites), ``epsilon_max``
-    (max over sites),
-    ``upload_bytes`` (mean over the sites that uploaded, in bytes), ``upload_bytes_total``,
-    ``round_seconds`` (server wall time of the round), ``train_seconds`` (mean over sites).
+    (max over sites), ``upload_bytes`` (mean over the sites that uploaded, in bytes),
+    ``upload_bytes_total``, ``round_seconds`` (server wall time of the round) and
+    ``train_seconds`` (mean over sites).
     """
     keys = [*RUN_KEYS, "server_round"]
     ok = rounds["status"] == results.STATUS_OK
@@ -255,7 +255,8 @@ def final_per_run(rounds: pd.DataFrame) -> pd.DataFrame:
     """Return one row per run: site-mean final metrics, max epsilon, bytes and wall time.
 
     ``wall_seconds`` is the sum of the server's round times (Flower and Ray start-up
-    excluded); ``seconds_per_round`` is their mean.
+    excluded); ``seconds_per_round`` is their mean. ``train_seconds_per_round`` is the
+    mean over rounds of the sites' mean local training time.
     """
     sites = final_per_site(rounds)
     keys = list(RUN_KEYS)
@@ -272,6 +273,8 @@ def final_per_run(rounds: pd.DataFrame) -> pd.DataFrame:
     out["rounds"] = by_run.size()
     out["wall_seconds"] = by_run.sum()
     out["seconds_per_round"] = by_run.mean()
+    site_train = rounds.groupby([*keys, "server_round"], dropna=False)["train_seconds"].mean()
+    out["train_seconds_per_round"] = site_train.groupby(keys, dropna=False).mean()
     out = out.reset_index()
     for site in sorted(sites["site"].unique(), key=site_sort_key):
         one_site = sites[sites["site"] == site][[*keys, "epsilon_site"]]
@@ -313,7 +316,8 @@ def summarize(final: pd.DataFrame) -> pd.DataFrame:
     for key, group in final.groupby(list(GROUP_KEYS), dropna=False, sort=False):
         row = dict(zip(GROUP_KEYS, key))
         row["seeds"] = int(group["seed"].nunique())
-        for column in ("val_dice", "test_dice", "seconds_per_round", "wall_seconds"):
+        timed = ("seconds_per_round", "train_seconds_per_round", "wall_seconds")
+        for column in ("val_dice", "test_dice", *timed):
             mean, half, _ = mean_ci(group[column])
             row[f"{column}_mean"] = mean
             row[f"{column}_ci95"] = half
@@ -550,9 +554,24 @@ def _claim_table(table: pd.DataFrame, metric: str) -> pd.DataFrame:
             sites = [c for c in table.columns if c.startswith("epsilon_site_")]
             cells["ε per site"] = _format_site_epsilons(row, sites)
         else:
-            cells[metric] = format_ci(row[f"{metric}_mean"], row[f"{metric}_ci95"], row["seeds"])
+            cells[_CLAIM_LABELS[metric]] = format_ci(
+                row[f"{metric}_mean"], row[f"{metric}_ci95"], row["seeds"]
+            )
+        if metric == "seconds_per_round":
+            cells["site training s / round"] = format_ci(
+                row["train_seconds_per_round_mean"], row["train_seconds_per_round_ci95"],
+                row["seeds"],
+            )
+            cells["upload per run"] = format_bytes(row["upload_bytes_total_mean"])
         rows.append(cells)
     return pd.DataFrame(rows)
+
+
+_CLAIM_LABELS = {
+    "seconds_per_round": "round wall time (s)",
+    "test_dice": "final test Dice",
+    "val_dice": "final validation Dice",
+}
 
 
 def _frame_markdown(frame: pd.DataFrame) -> str:

@@ -244,7 +244,11 @@ def test_claims_markdown_lists_tables_and_verdicts(tmp_path):
     text = summary.claims_markdown(list(found.values()))
     assert '### "RS gives stronger privacy than AC": refuted' in text
     assert "| method | setup | seeds | noise_multiplier | max ε | ε per site |" in text
-    assert "| method | setup | seeds | seconds_per_round |" in text
+    assert (
+        "| method | setup | seeds | round wall time (s) | site training s / round | "
+        "upload per run |" in text
+    )
+    assert "| method | setup | seeds | final test Dice |" in text
 
 
 def test_report_rebuilds_tables_and_plots(tmp_path):
