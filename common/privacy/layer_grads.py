@@ -48,20 +48,21 @@ def check_supported(name: str, module: nn.Module) -> None:
 
 
 def squared_norms(
-    module: nn.Module, a: Tensor, b: Tensor, kept: Sequence[Tensor | None]
+    module: nn.Module, a: Tensor, b: Tensor, dropped: Sequence[Tensor | None]
 ) -> Tensor:
     """Return each example's squared gradient norm over ``module``'s own parameters.
 
-    ``kept`` holds, per parameter of ``module`` in ``parameters(recurse=False)`` order,
-    the RS mask (True = kept) or None. The result is float64 of shape ``(B,)``.
+    ``dropped`` holds, per parameter of ``module`` in ``parameters(recurse=False)``
+    order, the RS mask's zeroed coordinates (True = zeroed) or None. The result is
+    float64 of shape ``(B,)``.
     """
     if isinstance(module, nn.Conv2d):
-        return _conv_squared_norms(module, a, b, kept)
+        return _conv_squared_norms(module, a, b, dropped)
     per_sample = _small_per_sample_grads(module, a, b)
     total = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
-    for grad, mask in zip(per_sample, kept):
+    for grad, mask in zip(per_sample, dropped):
         if mask is not None:
-            grad = grad.masked_fill(~mask, 0.0)
+            grad = grad.masked_fill(mask, 0.0)
         total += grad.flatten(1).pow(2).sum(1, dtype=torch.float64)
     return total
 
@@ -77,23 +78,23 @@ def weighted_sum(module: nn.Module, a: Tensor, b: Tensor, factors: Tensor) -> li
 
 
 def _conv_squared_norms(
-    module: nn.Conv2d, a: Tensor, b: Tensor, kept: Sequence[Tensor | None]
+    module: nn.Conv2d, a: Tensor, b: Tensor, dropped: Sequence[Tensor | None]
 ) -> Tensor:
     batch = a.shape[0]
     total = torch.zeros(batch, dtype=torch.float64, device=a.device)
-    weight_mask = kept[0]
+    weight_mask = dropped[0]
     if weight_mask is None and _ghost_is_cheaper(module, b):
         total += _conv_ghost_norms(module, a, b)
     else:
         for i in range(batch):
             grad = _conv_backward(module, a[i : i + 1], b[i : i + 1], weight=True, bias=False)[0]
             if weight_mask is not None:
-                grad = grad.masked_fill(~weight_mask, 0.0)
+                grad.masked_fill_(weight_mask, 0.0)
             total[i] += grad.pow(2).sum(dtype=torch.float64)
     if module.bias is not None:
         bias_grads = b.flatten(2).sum(2)
-        if kept[1] is not None:
-            bias_grads = bias_grads.masked_fill(~kept[1], 0.0)
+        if dropped[1] is not None:
+            bias_grads = bias_grads.masked_fill(dropped[1], 0.0)
         total += bias_grads.pow(2).sum(1, dtype=torch.float64)
     return total
 

@@ -196,8 +196,8 @@ class GhostStrategy(PerSampleStrategy):
             total = torch.zeros(images.shape[0], dtype=torch.float64, device=images.device)
             for (module, a, output), b in zip(records, backprops):
                 b = torch.zeros_like(output) if b is None else b
-                kept = [None if mask is None else mask.kept[k] for k in slots[id(module)]]
-                total += layer_grads.squared_norms(module, a, b, kept)
+                dropped = [None if mask is None else mask.dropped[k] for k in slots[id(module)]]
+                total += layer_grads.squared_norms(module, a, b, dropped)
             norms = total.sqrt()
             factors = clip(norms)
             for (module, a, output), b in zip(records, backprops):
@@ -205,7 +205,7 @@ class GhostStrategy(PerSampleStrategy):
                     continue
                 for k, grad in zip(slots[id(module)], layer_grads.weighted_sum(module, a, b, factors)):
                     if mask is not None:
-                        grad.masked_fill_(~mask.kept[k], 0.0)
+                        grad.masked_fill_(mask.dropped[k], 0.0)
                     out[k].add_(grad)
         return BatchStats(norms=norms.cpu(), losses=losses.detach().cpu())
 

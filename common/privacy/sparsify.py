@@ -19,7 +19,7 @@ Gaussian mechanism and epsilon is unchanged. The mask, and its seed, may be publ
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Sequence
 
@@ -80,8 +80,13 @@ def mask_seed(*, seed: int, server_round: int, site: int, window: int) -> int:
 
 
 def num_zeroed(rate: float, num_coordinates: int) -> int:
-    """Return ``floor(rate * num_coordinates)``, computed exactly from the float ``rate``."""
-    return int(Fraction(rate) * num_coordinates // 1)
+    """Return ``floor(rate * num_coordinates)``, with ``rate`` read as the decimal it prints as.
+
+    Exact rational arithmetic on ``repr(rate)`` avoids binary rounding in both
+    directions: 0.3 x 10 gives 3 (the float 0.3 lies just below 3/10) and 0.29 x 100
+    gives 29 (the float product is 28.999...).
+    """
+    return int(Fraction(repr(float(rate))) * num_coordinates // 1)
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,7 @@ class SparsityMask:
 
     Attributes:
         kept: one bool tensor per parameter, in the order the mask was drawn for.
+        dropped: the complements of ``kept`` (True = zeroed), derived at construction.
         rate: the sparsification rate p the mask was drawn with.
         num_zeroed: ``floor(p * d)``, the number of masked (zeroed) coordinates.
         num_coordinates: d, the total number of coordinates.
@@ -99,6 +105,11 @@ class SparsityMask:
     rate: float
     num_zeroed: int
     num_coordinates: int
+    dropped: tuple[Tensor, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # The complement is used on every step; computing it once saves a pass over d.
+        object.__setattr__(self, "dropped", tuple(~kept for kept in self.kept))
 
     @property
     def num_kept(self) -> int:
@@ -109,12 +120,12 @@ class SparsityMask:
         """Zero the masked coordinates of ``tensors`` (one per parameter), in place."""
         if len(tensors) != len(self.kept):
             raise ValueError(f"mask has {len(self.kept)} parameters, got {len(tensors)} tensors")
-        for tensor, kept in zip(tensors, self.kept):
-            tensor.masked_fill_(~kept, 0.0)
+        for tensor, dropped in zip(tensors, self.dropped):
+            tensor.masked_fill_(dropped, 0.0)
 
     def apply_per_sample(self, index: int, per_sample: Tensor) -> Tensor:
         """Return ``per_sample`` (leading batch dim) of parameter ``index`` with its mask applied."""
-        return per_sample.masked_fill(~self.kept[index], 0.0)
+        return per_sample.masked_fill(self.dropped[index], 0.0)
 
 
 def draw_mask(

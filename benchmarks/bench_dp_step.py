@@ -1,0 +1,236 @@
+"""Benchmark one DP-SGD step of every method and per-sample strategy against plain SGD.
+
+Model: the ResNet34 U-Net of :func:`common.model.build_unet`, batch 8, images of 128 and
+256 pixels, CPU with 2 threads (and the GPU when one is available). Each timed step is
+the whole update: per-sample gradients, masking, clipping, noise, scaling and the SGD
+step. All configurations run interleaved in one process, round after round, so load
+from other processes hits them alike; the table gives the median over rounds and the
+ratio to the non-private step's median.
+
+Peak memory is measured once per configuration in a fresh child process: on the CPU
+the rise of the resident set (``VmHWM``, reset before the first step) over the state
+after building the model, over two steps; on a GPU ``torch.cuda.max_memory_allocated``
+minus the memory allocated before the first step.
+
+Usage: ``python benchmarks/bench_dp_step.py [--quick] [--sizes 128 256] [--rounds N]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.metrics import dice_bce_loss  # noqa: E402
+from common.model import build_unet  # noqa: E402
+from common.privacy.noise import NoiseSource  # noqa: E402
+from common.privacy.clipping import AdaptiveClipBound  # noqa: E402
+from common.privacy.sparsify import draw_mask  # noqa: E402
+from common.privacy.step import DPStep, NonPrivateStep  # noqa: E402
+
+BATCH = 8
+THREADS = 2
+RS_RATE = 0.9
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmarked configuration: a method and a per-sample strategy."""
+
+    method: str
+    strategy: str
+
+    @property
+    def label(self) -> str:
+        return "none" if self.method == "none" else f"{self.method}/{self.strategy}"
+
+
+FULL_CASES = [
+    Case("none", ""),
+    Case("flat", "ghost"), Case("flat", "loop"), Case("flat", "opacus"),
+    Case("automatic", "ghost"), Case("adaptive", "ghost"),
+    Case("rs", "ghost"), Case("rs", "loop"), Case("rs", "opacus"),
+    Case("rs-automatic", "ghost"),
+]
+QUICK_CASES = [
+    Case("none", ""), Case("flat", "ghost"), Case("flat", "loop"),
+    Case("rs", "ghost"), Case("rs", "loop"),
+]
+
+
+def build_step(case: Case, model: torch.nn.Module, device: torch.device):
+    """Return the step object of ``case`` for ``model`` (RS mask drawn at rate 0.9)."""
+    if case.method == "none":
+        return NonPrivateStep(model, dice_bce_loss)
+    adaptive = None
+    if case.method == "adaptive":
+        adaptive = AdaptiveClipBound(max_grad_norm=1.0, target_quantile=0.5, clip_lr=0.2, count_noise=10.0)
+    step = DPStep(
+        model, dice_bce_loss, method=case.method, noise_multiplier=1.0, max_grad_norm=1.0,
+        expected_batch_size=BATCH, source=NoiseSource(seed=0, device=device),
+        strategy=case.strategy, adaptive=adaptive,
+    )
+    if case.method.startswith("rs"):
+        generator = torch.Generator().manual_seed(0)
+        step.set_mask(draw_mask([p.shape for p in step.params], rate=RS_RATE, generator=generator, device=device))
+    return step
+
+
+def make_batch(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(size)
+    images = torch.rand(BATCH, 1, size, size, generator=generator)
+    targets = (torch.rand(BATCH, 1, size, size, generator=generator) > 0.9).float()
+    return images.to(device), targets.to(device)
+
+
+def timed_update(step, optimizer, images, targets, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    step(images, targets)
+    optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
+def time_cases(cases: list[Case], size: int, rounds: int, device: torch.device) -> dict[str, list[float]]:
+    """Time every case ``rounds`` times, interleaved, after one warm-up step each."""
+    torch.manual_seed(0)
+    model = build_unet().to(device)
+    images, targets = make_batch(size, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1e-6)
+    steps = {case.label: build_step(case, model, device) for case in cases}
+    times: dict[str, list[float]] = {case.label: [] for case in cases}
+    for step in steps.values():
+        timed_update(step, optimizer, images, targets, device)
+    for _ in range(rounds):
+        for label, step in steps.items():
+            times[label].append(timed_update(step, optimizer, images, targets, device))
+    for step in steps.values():
+        step.close()
+    return times
+
+
+def measure_memory_child(method: str, strategy: str, size: int, device_name: str) -> dict[str, float]:
+    """Run in a child process: return the peak extra memory (MiB) of two steps of one case."""
+    torch.set_num_threads(THREADS)
+    device = torch.device(device_name)
+    model = build_unet().to(device)
+    images, targets = make_batch(size, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1e-6)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
+        baseline = _proc_status_kib("VmRSS") * 1024
+    step = build_step(Case(method, strategy), model, device)
+    for _ in range(2):
+        timed_update(step, optimizer, images, targets, device)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = _proc_status_kib("VmHWM") * 1024
+    return {"extra_mib": (peak - baseline) / 2**20}
+
+
+def _proc_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def memory_of(case: Case, size: int, device: torch.device) -> float:
+    command = [
+        sys.executable, __file__, "--memory-child", case.method, case.strategy or "-",
+        str(size), str(device),
+    ]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])["extra_mib"]
+
+
+def environment_lines(device: torch.device) -> list[str]:
+    import opacus
+    import segmentation_models_pytorch as smp
+
+    lines = [
+        f"machine: {platform.machine()} {_cpu_name()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
+        f"load average before: {os.getloadavg()[0]:.2f}",
+        f"python {platform.python_version()}, torch {torch.__version__}, opacus {opacus.__version__}, "
+        f"segmentation-models-pytorch {smp.__version__}",
+    ]
+    if device.type == "cuda":
+        lines.append(f"gpu: {torch.cuda.get_device_name(device)}")
+    return lines
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def run(cases: list[Case], sizes: list[int], rounds: int, devices: list[torch.device]) -> None:
+    for device in devices:
+        print("\n".join(environment_lines(device)))
+        for size in sizes:
+            times = time_cases(cases, size, rounds, device)
+            base = statistics.median(times["none"])
+            memory = {case.label: memory_of(case, size, device) for case in cases}
+            print(f"\n{device.type} {size}x{size}, batch {BATCH}, {rounds} interleaved rounds, "
+                  f"load average after: {os.getloadavg()[0]:.2f}")
+            print(f"{'case':<22}{'median s':>10}{'min s':>9}{'ratio':>8}{'extra MiB':>11}{'MiB ratio':>11}")
+            for case in cases:
+                median = statistics.median(times[case.label])
+                print(
+                    f"{case.label:<22}{median:>10.3f}{min(times[case.label]):>9.3f}"
+                    f"{median / base:>8.2f}{memory[case.label]:>11.0f}"
+                    f"{memory[case.label] / memory['none']:>11.2f}"
+                )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="5 cases, 3 rounds (a few minutes)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256], help="image sides in pixels")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 5, quick 3)")
+    parser.add_argument("--cpu-only", action="store_true", help="skip the GPU even when one is available")
+    parser.add_argument("--memory-child", nargs=4, metavar=("METHOD", "STRATEGY", "SIZE", "DEVICE"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    if args.memory_child:
+        method, strategy, size, device = args.memory_child
+        strategy = "" if strategy == "-" else strategy
+        print(json.dumps(measure_memory_child(method, strategy, int(size), device)))
+        return
+    cases = QUICK_CASES if args.quick else FULL_CASES
+    rounds = args.rounds or (3 if args.quick else 5)
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available() and not args.cpu_only:
+        devices.append(torch.device("cuda"))
+    run(cases, args.sizes, rounds, devices)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,361 @@
+"""DP-SGD pieces: per-sample gradients, clipping, sparsification, noise, the composed step.
+
+Exactness checks run in float64 so that rounding cannot flip a ReLU and change a
+gradient; "exact" then means agreement to 1e-9 relative.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from common.metrics import dice_bce_loss
+from common.model import build_unet
+from common.privacy.clipping import (
+    AdaptiveClipBound,
+    adaptive_noise_multiplier,
+    automatic_clip_factor,
+    flat_clip_factor,
+)
+from common.privacy.noise import NoiseSource, poisson_sample
+from common.privacy.per_sample import STRATEGIES, make_strategy
+from common.privacy.sparsify import (
+    draw_mask,
+    mask_seed,
+    num_zeroed,
+    rs_num_windows,
+    rs_rate,
+    rs_window,
+)
+from common.privacy.step import DPStep
+
+EXACT = 1e-9
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_unet(encoder="resnet18", encoder_depth=2, decoder_channels=(8, 8)).double()
+
+
+@pytest.fixture(scope="module")
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    images = torch.rand(4, 1, 16, 16, generator=generator, dtype=torch.float64)
+    targets = (torch.rand(4, 1, 16, 16, generator=generator) > 0.7).double()
+    targets[0] = 0  # one negative image
+    return images, targets
+
+
+@pytest.fixture(scope="module")
+def reference(model, batch) -> list[list[torch.Tensor]]:
+    """Per-sample gradients by plain autograd, one example at a time."""
+    images, targets = batch
+    params = [p for p in model.parameters()]
+    return [
+        list(torch.autograd.grad(dice_bce_loss(model(images[i : i + 1]), targets[i : i + 1]).sum(), params))
+        for i in range(len(images))
+    ]
+
+
+def masked(grads, mask):
+    return grads if mask is None else [g.masked_fill(~k, 0.0) for g, k in zip(grads, mask.kept)]
+
+
+def norm_of(grads) -> torch.Tensor:
+    return torch.sqrt(sum(g.pow(2).sum() for g in grads))
+
+
+def relative_error(got, expected) -> float:
+    top = max(float(e.abs().max()) for e in expected)
+    return max(float((g - e).abs().max()) for g, e in zip(got, expected)) / top
+
+
+def clipped_sum(name, model, batch, clip, mask=None, strategy=None):
+    own = strategy is None
+    strategy = make_strategy(name, model, dice_bce_loss) if own else strategy
+    out = [torch.zeros_like(p) for p in strategy.params]
+    try:
+        stats = strategy.clipped_sum(*batch, clip=clip, mask=mask, out=out)
+    finally:
+        if own:
+            strategy.close()
+    return out, stats
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+@pytest.mark.parametrize("rate", [None, 0.7])
+def test_strategy_equals_single_example_loop(name, rate, model, batch, reference):
+    mask = None
+    if rate is not None:
+        mask = draw_mask([p.shape for p in model.parameters()], rate=rate, generator=torch.Generator().manual_seed(3))
+    clip = lambda norms: flat_clip_factor(norms, max_grad_norm=0.3)  # noqa: E731
+    out, stats = clipped_sum(name, model, batch, clip, mask)
+    per_sample = [masked(g, mask) for g in reference]
+    norms = torch.stack([norm_of(g) for g in per_sample])
+    factors = clip(norms)
+    expected = [
+        sum(factors[i] * per_sample[i][k] for i in range(len(per_sample)))
+        for k in range(len(per_sample[0]))
+    ]
+    assert torch.allclose(stats.norms, norms, rtol=EXACT, atol=0)
+    assert relative_error(out, expected) < EXACT
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_flat_contribution_norm_at_most_clip(name, model, batch, reference):
+    images, targets = batch
+    strategy = make_strategy(name, model, dice_bce_loss)
+    for i in (0, 1):
+        original = float(norm_of(reference[i]))
+        assert 1e-3 < original < 10.0  # so one bound clips and the other does not
+        for bound in (1e-3, 10.0):
+            one = (images[i : i + 1], targets[i : i + 1])
+            clip = lambda n: flat_clip_factor(n, max_grad_norm=bound)  # noqa: E731
+            out, _ = clipped_sum(name, model, one, clip, strategy=strategy)
+            contribution = float(norm_of(out))
+            assert contribution <= bound * (1 + 1e-12)
+            assert contribution == pytest.approx(min(bound, original), rel=EXACT)
+    strategy.close()
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_automatic_contribution_is_exact(name, model, batch, reference):
+    images, targets = batch
+    bound, gamma = 2.0, 0.01
+    clip = lambda n: automatic_clip_factor(n, max_grad_norm=bound, gamma=gamma)  # noqa: E731
+    strategy = make_strategy(name, model, dice_bce_loss)
+    for i in (0, 1):
+        out, _ = clipped_sum(name, model, (images[i : i + 1], targets[i : i + 1]), clip, strategy=strategy)
+        original = float(norm_of(reference[i]))
+        assert float(norm_of(out)) == pytest.approx(bound * original / (original + gamma), rel=EXACT)
+    strategy.close()
+
+
+def layer_reference(layer, inputs):
+    """Per-sample gradients of sum(layer(x) * w) for a fixed random w, one example at a time."""
+    weights = torch.randn_like(layer(inputs))
+    grads = []
+    for i in range(len(inputs)):
+        out = (layer(inputs[i : i + 1]) * weights[i : i + 1]).sum()
+        grads.append(torch.autograd.grad(out, list(layer.parameters())))
+    return weights, grads
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        torch.nn.Conv2d(6, 5, 3, stride=2, padding=1),  # ghost norm (4 positions)
+        torch.nn.Conv2d(2, 3, 3, padding=1, dilation=1, bias=False),  # materialised
+        torch.nn.GroupNorm(2, 6),
+        torch.nn.Linear(6, 3),
+    ],
+    ids=["conv-ghost", "conv-materialised", "groupnorm", "linear"],
+)
+def test_layer_norms_and_weighted_sums(layer):
+    from common.privacy import layer_grads
+
+    torch.manual_seed(0)
+    layer = layer.double()
+    if isinstance(layer, torch.nn.Linear):
+        inputs = torch.randn(3, 4, 6, dtype=torch.float64)
+    else:
+        channels = layer.in_channels if isinstance(layer, torch.nn.Conv2d) else 6
+        inputs = torch.randn(3, channels, 4, 4, dtype=torch.float64)
+    weights, grads = layer_reference(layer, inputs)
+    expected_sq = torch.stack([sum(g.pow(2).sum() for g in per) for per in grads])
+    own = list(layer.parameters())
+    for dropped in ([None] * len(own), [torch.zeros_like(p, dtype=torch.bool) for p in own]):
+        got = layer_grads.squared_norms(layer, inputs, weights, dropped)
+        assert torch.allclose(got, expected_sq, rtol=EXACT, atol=0)
+    factors = torch.tensor([0.5, 2.0, -1.0], dtype=torch.float64)
+    summed = layer_grads.weighted_sum(layer, inputs, weights, factors)
+    for k, got in enumerate(summed):
+        expected = sum(factors[i] * grads[i][k] for i in range(3))
+        assert torch.allclose(got, expected, rtol=EXACT, atol=1e-12)
+
+
+def test_clip_factors_edge_cases():
+    norms = torch.tensor([0.0, 0.5, 2.0], dtype=torch.float64)
+    assert flat_clip_factor(norms, max_grad_norm=1.0).tolist() == [1.0, 1.0, 0.5]
+    assert automatic_clip_factor(norms, max_grad_norm=1.0, gamma=0.0).tolist() == [0.0, 2.0, 0.5]
+    assert automatic_clip_factor(norms, max_grad_norm=1.0, gamma=0.5).tolist() == [2.0, 1.0, 0.4]
+    with pytest.raises(ValueError, match="max_grad_norm must be a positive finite number, got 0"):
+        flat_clip_factor(norms, max_grad_norm=0)
+    with pytest.raises(ValueError, match="gamma must be a finite number >= 0, got -1"):
+        automatic_clip_factor(norms, max_grad_norm=1.0, gamma=-1)
+
+
+@pytest.mark.parametrize(
+    ("rate", "d", "expected"),
+    [(0.9, 1000, 900), (0.5, 7, 3), (0.3, 10, 3), (0.29, 100, 29), (0.0, 5, 0), (0.999, 10_001, 9990)],
+)
+def test_mask_zeroes_exactly_floor_pd(rate, d, expected):
+    shapes = [torch.Size([d - d // 3]), torch.Size([d // 3])]
+    mask = draw_mask(shapes, rate=rate, generator=torch.Generator().manual_seed(0))
+    zeroed = sum(int((~k).sum()) for k in mask.kept)
+    assert zeroed == expected == mask.num_zeroed == num_zeroed(rate, d)
+    assert [k.shape for k in mask.kept] == shapes
+
+
+def test_mask_is_uniform_across_layers():
+    # A uniform subset hits each layer in proportion to its size: the masked share of a
+    # layer of n coordinates has std sqrt(p(1-p)/n), below 0.002 here; allow 0.02.
+    shapes = [torch.Size([100_000]), torch.Size([20, 1000]), torch.Size([50_000])]
+    mask = draw_mask(shapes, rate=0.9, generator=torch.Generator().manual_seed(5))
+    for kept in mask.kept:
+        assert float((~kept).double().mean()) == pytest.approx(0.9, abs=0.02)
+
+
+def test_mask_depends_only_on_seed():
+    shapes = [torch.Size([500])]
+    seed = mask_seed(seed=1, server_round=2, site=3, window=1)
+    first = draw_mask(shapes, rate=0.5, generator=torch.Generator().manual_seed(seed))
+    again = draw_mask(shapes, rate=0.5, generator=torch.Generator().manual_seed(seed))
+    other = mask_seed(seed=1, server_round=2, site=4, window=1)
+    assert torch.equal(first.kept[0], again.kept[0])
+    assert seed != other
+
+
+def test_ramp_hits_stated_values():
+    assert [rs_rate(k, num_windows=5, final_rate=0.9) for k in range(5)] == pytest.approx(
+        [0.0, 0.225, 0.45, 0.675, 0.9]
+    )
+    assert rs_rate(0, num_windows=1, final_rate=0.9) == 0.9  # a single window cannot ramp
+    with pytest.raises(ValueError, match="window must lie in \\[0, 5\\), got 5"):
+        rs_rate(5, num_windows=5, final_rate=0.9)
+
+
+def test_ramp_windows_span_all_local_epochs():
+    assert rs_num_windows(num_server_rounds=3, local_epochs=2, refresh="round") == 3
+    assert rs_num_windows(num_server_rounds=3, local_epochs=2, refresh="epoch") == 6
+    assert rs_window(server_round=3, local_epoch=1, local_epochs=2, refresh="round") == 2
+    assert rs_window(server_round=3, local_epoch=1, local_epochs=2, refresh="epoch") == 5
+    with pytest.raises(ValueError, match="refresh must be one of round, epoch"):
+        rs_window(server_round=1, local_epoch=0, local_epochs=1, refresh="step")
+
+
+def make_step(model, method, *, sigma=1.0, bound=1.0, expected=4.0, seed=0, strategy="ghost", adaptive=None):
+    return DPStep(
+        model, dice_bce_loss, method=method, noise_multiplier=sigma, max_grad_norm=bound,
+        expected_batch_size=expected, source=NoiseSource(seed=seed), strategy=strategy,
+        adaptive=adaptive,
+    )
+
+
+@pytest.mark.parametrize("method", ["rs", "rs-automatic"])
+def test_rs_step_masked_coordinates_carry_nothing(method, model, batch, reference):
+    step = make_step(model, method)
+    mask = draw_mask([p.shape for p in step.params], rate=0.9, generator=torch.Generator().manual_seed(2))
+    step.set_mask(mask)
+    try:
+        step(*batch)
+        grads = [p.grad.clone() for p in step.params]
+    finally:
+        step.close()
+    zero = sum(int((g == 0).sum()) for g in grads)
+    on_mask = sum(int((g[~k] == 0).sum()) for g, k in zip(grads, mask.kept))
+    assert zero == on_mask == mask.num_zeroed == math.floor(0.9 * mask.num_coordinates)
+
+
+def test_rs_step_is_masked_sum_plus_masked_noise(model, batch, reference):
+    """Same seed, with and without signal: the difference is exactly the clipped masked sum / B."""
+    mask = draw_mask([p.shape for p in model.parameters()], rate=0.5, generator=torch.Generator().manual_seed(4))
+    results = []
+    for inputs in (batch, (batch[0][:0], batch[1][:0])):
+        step = make_step(model, "rs", bound=0.2, seed=9)
+        step.set_mask(mask)
+        step(*inputs)
+        results.append([p.grad.clone() for p in step.params])
+        step.close()
+    per_sample = [masked(g, mask) for g in reference]
+    norms = torch.stack([norm_of(g) for g in per_sample])
+    factors = flat_clip_factor(norms, max_grad_norm=0.2)
+    expected = [
+        sum(factors[i] * per_sample[i][k] for i in range(4)) / 4.0
+        for k in range(len(per_sample[0]))
+    ]
+    difference = [a - b for a, b in zip(*results)]
+    assert relative_error(difference, expected) < 1e-9
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_empty_batch_gives_noise_of_std_sigma_c_over_b(strategy, model):
+    # std of N(0, (sigma C / B)^2) estimated from d ~ 2e5 coordinates has relative
+    # standard error 1/sqrt(2d) < 0.002; allow 0.02.
+    sigma, bound, expected = 1.5, 0.4, 6.0
+    step = make_step(model, "flat", sigma=sigma, bound=bound, expected=expected, strategy=strategy)
+    images = torch.zeros(0, 1, 16, 16, dtype=torch.float64)
+    stats = step(images, images)
+    noise = torch.cat([p.grad.flatten() for p in step.params])
+    step.close()
+    assert stats.batch_size == 0
+    assert float(noise.std()) == pytest.approx(sigma * bound / expected, rel=0.02)
+    assert abs(float(noise.mean())) < 5 * sigma * bound / expected / math.sqrt(noise.numel())
+
+
+def test_adaptive_noise_and_clip_update(model, batch, reference):
+    sigma, count_noise = 1.0, 2.0
+    z_grad = adaptive_noise_multiplier(sigma, count_noise=count_noise)
+    assert z_grad == pytest.approx((1 - 1 / 16) ** -0.5)
+    bound = AdaptiveClipBound(max_grad_norm=0.5, target_quantile=0.5, clip_lr=0.2, count_noise=count_noise)
+    step = make_step(model, "adaptive", sigma=sigma, expected=6.0, adaptive=bound)
+    images = torch.zeros(0, 1, 16, 16, dtype=torch.float64)
+    step(images, images)
+    noise = torch.cat([p.grad.flatten() for p in step.params])
+    step.close()
+    assert float(noise.std()) == pytest.approx(z_grad * 0.5 / 6.0, rel=0.02)
+
+
+def test_adaptive_update_rule():
+    bound = AdaptiveClipBound(max_grad_norm=2.0, target_quantile=0.5, clip_lr=0.2, count_noise=1.0)
+    assert bound.update(0.75) == pytest.approx(2.0 * math.exp(-0.2 * 0.25))
+    norms = torch.tensor([0.1, 0.2, 5.0, 6.0], dtype=torch.float64)
+    source = NoiseSource(seed=0)
+    # With expected batch size 4, b_hat = (2 - 2 + noise) / 4 + 0.5: mean 0.5, std 1/4.
+    fractions = torch.tensor([
+        bound.unclipped_fraction(norms, expected_batch_size=4.0, source=source) for _ in range(4000)
+    ])
+    assert float(fractions.mean()) == pytest.approx(0.5, abs=0.02)
+    assert float(fractions.std()) == pytest.approx(0.25, rel=0.05)
+
+
+def test_adaptive_needs_sigma_below_twice_count_noise():
+    with pytest.raises(ValueError, match="noise_multiplier < 2 \\* adaptive-count-noise.*got noise_multiplier 3"):
+        adaptive_noise_multiplier(3.0, count_noise=1.5)
+
+
+def test_rs_step_requires_mask(model, batch):
+    step = make_step(model, "rs")
+    with pytest.raises(RuntimeError, match="needs set_mask"):
+        step(*batch)
+    step.close()
+
+
+def test_secure_source_statistics():
+    source = NoiseSource(secure=True)
+    sample = source.normal((200_000,), std=3.0, dtype=torch.float64)
+    assert float(sample.std()) == pytest.approx(3.0, rel=0.02)
+    assert abs(float(sample.mean())) < 5 * 3.0 / math.sqrt(200_000)
+    uniform = source.uniform(100_000)
+    assert 0 <= float(uniform.min()) and float(uniform.max()) < 1
+    assert float(uniform.mean()) == pytest.approx(0.5, abs=0.01)
+
+
+def test_seeded_source_is_reproducible():
+    first = NoiseSource(seed=7).normal((10,), std=1.0)
+    assert torch.equal(first, NoiseSource(seed=7).normal((10,), std=1.0))
+    assert not torch.equal(first, NoiseSource(seed=8).normal((10,), std=1.0))
+
+
+def test_poisson_sample_size():
+    # Size ~ Binomial(10000, 0.01) per draw: mean 100, std ~10; the mean of 200 draws
+    # has std 0.7, allow 3.
+    source = NoiseSource(seed=3)
+    sizes = [len(poisson_sample(10_000, sample_rate=0.01, source=source)) for _ in range(200)]
+    assert sum(sizes) / len(sizes) == pytest.approx(100, abs=3)
+    assert len(poisson_sample(5, sample_rate=1.0, source=source)) == 5
+    with pytest.raises(ValueError, match="sample_rate must lie in \\(0, 1\\], got 0"):
+        poisson_sample(5, sample_rate=0, source=source)
