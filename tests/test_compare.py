@@ -315,3 +315,41 @@ def test_dry_run_lists_actions(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split() == ["skip", "rs_training/iid-seed0"]
     assert lines[2].split() == ["start", "automatic_clipping/iid-seed0"]
+
+
+def test_no_arguments_mean_demo(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPFEDSEG_STATE", str(tmp_path / "state"))
+    spec = build_spec(build_parser().parse_args(["compare", "--dry-run"]))
+    assert spec.methods == ("rs", "automatic")
+    assert spec.setups == DEMO.setups
+    assert spec.data_dir == DEMO.synthetic.folder()
+    assert spec.data_dir.is_relative_to(tmp_path / "state")
+    assert spec.base.num_sites == 3
+    assert spec.match == "noise"
+
+
+def test_synthetic_data_generated_once(tmp_path, monkeypatch, caplog):
+    from simulations.presets import SyntheticData
+
+    monkeypatch.setenv("DPFEDSEG_STATE", str(tmp_path))
+    data = SyntheticData(images=4, image_size=32, seed=1)
+    folder = data.ensure()
+    labels = folder / "stage_2_train_labels.csv"
+    assert len(list((folder / "stage_2_train_images").glob("*.dcm"))) == 4
+    mtime = labels.stat().st_mtime_ns
+    with caplog.at_level("INFO", logger="simulations.presets"):
+        assert data.ensure() == folder
+    assert labels.stat().st_mtime_ns == mtime
+    assert "using cached synthetic data" in caplog.text
+
+
+def test_synthetic_data_regenerated_when_incomplete(tmp_path, monkeypatch):
+    from simulations.presets import SyntheticData
+
+    monkeypatch.setenv("DPFEDSEG_STATE", str(tmp_path))
+    data = SyntheticData(images=3, image_size=32, seed=2)
+    data.folder().mkdir(parents=True)
+    (data.folder() / "partial.tmp").write_text("interrupted")
+    folder = data.ensure()
+    assert not (folder / "partial.tmp").exists()
+    assert len(list((folder / "stage_2_train_images").glob("*.dcm"))) == 3
