@@ -46,8 +46,8 @@ def _register_synth(commands: argparse._SubParsersAction) -> None:
     )
     synth.add_argument(
         "--site-styles", action="store_true",
-        help="give each site a random scanner style (contrast, gamma, noise, blur, "
-        "magnification); needs --sites",
+        help="give each site a random scanner style (contrast, gamma, noise, blur, and "
+        "magnification of its AP films); needs --sites",
     )
     synth.add_argument(
         "--positive-rate", type=float, default=None,
@@ -110,10 +110,16 @@ def _run_synth(args: argparse.Namespace) -> int:
 def _run_inspect(args: argparse.Namespace) -> int:
     from common.data.load import scan_dataset
     from common.data.report import validate_failure_fraction
+    from common.data.rsna import IMAGES_DIR, LABELS_FILE
     from common.data.summary import format_summary, summarize
 
     validate_failure_fraction(args.max_failure_fraction)
-    loaded = scan_dataset(args.dir, decode=not args.no_decode)
+    labels_only = (args.dir / LABELS_FILE).is_file() and not (args.dir / IMAGES_DIR).is_dir()
+    if labels_only:
+        log.warning("%s has no %s folder: inspecting the label files only", args.dir, IMAGES_DIR)
+    loaded = scan_dataset(
+        args.dir, decode=not args.no_decode and not labels_only, require_images=not labels_only
+    )
     loaded.report.log_suppressed()
     summary = summarize(loaded, max_failure_fraction=args.max_failure_fraction)
     if args.json:

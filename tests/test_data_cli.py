@@ -66,3 +66,15 @@ def test_inspect_wrong_folder_fails_clearly(tmp_path, caplog):
     assert main(["data", "inspect", str(tmp_path)]) == 1
     assert "contains no dataset" in caplog.text
     assert "stage_2_train_labels.csv" in caplog.text
+
+
+def test_inspect_labels_only_folder(rsna_metadata, capsys):
+    assert main(["data", "inspect", str(rsna_metadata), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["images"] == 26_684
+    assert summary["image_files_found"] == 0
+    assert summary["positives"] == 6_012
+    assert summary["boxes"] == 9_555
+    assert summary["label_mismatches"]["missing_class"] == 1
+    assert summary["skipped"]["missing_image"] == 26_684
+    assert summary["decode_failures"] is None

@@ -36,7 +36,9 @@ LABEL_MISMATCH_KINDS = (
 def summarize(loaded: LoadedDataset, *, max_failure_fraction: float = 0.1) -> dict[str, Any]:
     """Return the counts ``dpfedseg data inspect`` shows, as a JSON-ready mapping.
 
-    ``decode_failures`` is None when the pixels were not decoded. ``would_load`` is
+    ``images`` counts records, and ``image_files_found`` those whose file exists (fewer
+    for a labels-only inspection). ``decode_failures`` is None when the pixels were not
+    decoded. ``would_load`` is
     whether :func:`common.data.load_dataset` accepts the folder at ``max_failure_fraction``.
     """
     records = loaded.records
@@ -53,6 +55,7 @@ def summarize(loaded: LoadedDataset, *, max_failure_fraction: float = 0.1) -> di
         "root": str(loaded.root),
         "layout": loaded.layout,
         "images": kept,
+        "image_files_found": sum(1 for r in records if r.image_path.is_file()),
         "positives": sum(r.target for r in records),
         "negatives": sum(1 - r.target for r in records),
         "boxes": sum(len(r.boxes) for r in records) if loaded.layout == "rsna" else None,
@@ -84,6 +87,8 @@ def format_summary(summary: dict[str, Any], *, max_issues: int = 20) -> str:
         f"{'images':<{WIDTH}}{summary['images']}  (positive {summary['positives']}, "
         f"negative {summary['negatives']})",
     ]
+    if summary["image_files_found"] != summary["images"]:
+        lines.append(f"{'image files found':<{WIDTH}}{summary['image_files_found']}")
     if summary["boxes"] is not None:
         lines.append(f"{'boxes':<{WIDTH}}{summary['boxes']}  (label rows {summary['label_rows']})")
     for key, title in (("classes", "classes"), ("view_position", "ViewPosition"),

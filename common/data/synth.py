@@ -41,6 +41,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from tqdm import tqdm
+
 from common import atomic
 from common.data import synth_constants as real
 from common.data.records import LUNG_OPACITY, Box
@@ -56,6 +58,9 @@ SUMMARY_FILE = "synth_summary.json"
 SITES_FILE = "synth_sites.csv"
 GENERATOR_VERSION = 1
 """Bump when the same seed and settings would give other files."""
+
+PROGRESS_MIN_IMAGES = 50
+"""Runs of more images than this show a tqdm progress bar."""
 
 MIN_IMAGE_SIZE = 32
 JPEG_QUALITY = 95
@@ -344,7 +349,9 @@ def _write_images(
     image_dir = folder / IMAGES_DIR
     image_dir.mkdir()
     cases = []
-    for index in range(images):
+    progress = tqdm(range(images), desc=f"synth {image_size}px", unit="img",
+                    disable=images <= PROGRESS_MIN_IMAGES)
+    for index in progress:
         case = sample_case(np.random.default_rng([seed, index, _LABEL_STREAM]),
                            positive_rate=positive_rate)
         style = styles[index % len(styles)] if styles else None
