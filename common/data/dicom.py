@@ -264,12 +264,16 @@ def _monochrome_to_unit(raw: np.ndarray, ds: Dataset, path: Path | str) -> np.nd
 
 
 def _stored_to_unit(raw: np.ndarray, ds: Dataset) -> np.ndarray:
-    """Map stored values to [0, 1] by their bit depth (the fast path without LUTs)."""
+    """Map stored values to [0, 1] by their bit depth (the fast path without LUTs).
+
+    Values beyond the declared BitsStored (a wrong header) are clipped to the range.
+    """
     bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 8)))
-    scale = np.float32(1.0 / (2.0**bits - 1.0))
+    unit = raw.astype(np.float32)
     if int(ds.get("PixelRepresentation", 0)) == 1:
-        return (raw.astype(np.float32) + np.float32(2 ** (bits - 1))) * scale
-    return raw.astype(np.float32) * scale
+        unit += np.float32(2 ** (bits - 1))
+    unit *= np.float32(1.0 / (2.0**bits - 1.0))
+    return np.clip(unit, 0.0, 1.0, out=unit)
 
 
 def _window(ds: Dataset, path: Path | str) -> tuple[float, float, str] | None:
