@@ -18,6 +18,7 @@ Usage: ``python benchmarks/bench_dp_step.py [--quick] [--sizes 128 256] [--round
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -94,32 +95,39 @@ def make_batch(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Ten
     return images.to(device), targets.to(device)
 
 
-def timed_update(step, optimizer, images, targets, device: torch.device) -> float:
+def timed_update(step, optimizer, images, targets, device: torch.device) -> tuple[float, float]:
+    """Run one update and return its wall time and this process's CPU time, in seconds."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    started = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     step(images, targets)
     optimizer.step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - started
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def time_cases(cases: list[Case], size: int, rounds: int, device: torch.device) -> dict[str, list[float]]:
+def time_cases(
+    cases: list[Case], size: int, rounds: int, device: torch.device
+) -> dict[str, list[tuple[float, float]]]:
     """Time every case ``rounds`` times, interleaved, after one warm-up step each."""
     torch.manual_seed(0)
-    model = build_unet().to(device)
+    base = build_unet().to(device)
     images, targets = make_batch(size, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=1e-6)
-    steps = {case.label: build_step(case, model, device) for case in cases}
-    times: dict[str, list[float]] = {case.label: [] for case in cases}
-    for step in steps.values():
+    # Each case trains its own copy: Opacus's hooks stay on a model once attached and
+    # would otherwise slow every other case's forward and backward pass.
+    updates = {}
+    for case in cases:
+        model = copy.deepcopy(base)
+        params = [p for p in model.parameters() if p.requires_grad]
+        updates[case.label] = (build_step(case, model, device), torch.optim.SGD(params, lr=1e-6))
+    times: dict[str, list[tuple[float, float]]] = {case.label: [] for case in cases}
+    for step, optimizer in updates.values():
         timed_update(step, optimizer, images, targets, device)
     for _ in range(rounds):
-        for label, step in steps.items():
+        for label, (step, optimizer) in updates.items():
             times[label].append(timed_update(step, optimizer, images, targets, device))
-    for step in steps.values():
+    for step, _ in updates.values():
         step.close()
     return times
 
@@ -190,23 +198,33 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def run(cases: list[Case], sizes: list[int], rounds: int, devices: list[torch.device]) -> None:
+def run(cases: list[Case], sizes: list[int], rounds: int, devices: list[torch.device], *, memory: bool) -> None:
     for device in devices:
         print("\n".join(environment_lines(device)))
         for size in sizes:
             times = time_cases(cases, size, rounds, device)
-            base = statistics.median(times["none"])
-            memory = {case.label: memory_of(case, size, device) for case in cases}
+            extra = {case.label: memory_of(case, size, device) if memory else float("nan") for case in cases}
             print(f"\n{device.type} {size}x{size}, batch {BATCH}, {rounds} interleaved rounds, "
                   f"load average after: {os.getloadavg()[0]:.2f}")
-            print(f"{'case':<22}{'median s':>10}{'min s':>9}{'ratio':>8}{'extra MiB':>11}{'MiB ratio':>11}")
-            for case in cases:
-                median = statistics.median(times[case.label])
-                print(
-                    f"{case.label:<22}{median:>10.3f}{min(times[case.label]):>9.3f}"
-                    f"{median / base:>8.2f}{memory[case.label]:>11.0f}"
-                    f"{memory[case.label] / memory['none']:>11.2f}"
-                )
+            print(_table(cases, times, extra))
+
+
+def _table(cases: list[Case], times: dict[str, list[tuple[float, float]]], extra: dict[str, float]) -> str:
+    """Format medians of wall and CPU time, their ratios to ``none``, and extra memory."""
+    def median(label: str, column: int) -> float:
+        return statistics.median(t[column] for t in times[label])
+
+    lines = [f"{'case':<20}{'wall s':>9}{'ratio':>7}{'cpu s':>9}{'ratio':>7}{'min wall':>10}"
+             f"{'extra MiB':>11}{'ratio':>7}"]
+    for case in cases:
+        label = case.label
+        lines.append(
+            f"{label:<20}{median(label, 0):>9.3f}{median(label, 0) / median('none', 0):>7.2f}"
+            f"{median(label, 1):>9.3f}{median(label, 1) / median('none', 1):>7.2f}"
+            f"{min(t[0] for t in times[label]):>10.3f}"
+            f"{extra[label]:>11.0f}{extra[label] / extra['none']:>7.2f}"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -215,6 +233,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256], help="image sides in pixels")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 5, quick 3)")
     parser.add_argument("--cpu-only", action="store_true", help="skip the GPU even when one is available")
+    parser.add_argument("--no-memory", action="store_true", help="time only, skip the memory children")
+    parser.add_argument("--cases", nargs="+", metavar="METHOD/STRATEGY",
+                        help="run only these cases (labels as in the table; 'none' is always added)")
     parser.add_argument("--memory-child", nargs=4, metavar=("METHOD", "STRATEGY", "SIZE", "DEVICE"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -225,11 +246,13 @@ def main() -> None:
         print(json.dumps(measure_memory_child(method, strategy, int(size), device)))
         return
     cases = QUICK_CASES if args.quick else FULL_CASES
+    if args.cases:
+        cases = [Case("none", "")] + [Case(*label.split("/")) for label in args.cases if label != "none"]
     rounds = args.rounds or (3 if args.quick else 5)
     devices = [torch.device("cpu")]
     if torch.cuda.is_available() and not args.cpu_only:
         devices.append(torch.device("cuda"))
-    run(cases, args.sizes, rounds, devices)
+    run(cases, args.sizes, rounds, devices, memory=not args.no_memory)
 
 
 if __name__ == "__main__":

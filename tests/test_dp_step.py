@@ -167,14 +167,19 @@ def test_layer_norms_and_weighted_sums(layer):
     weights, grads = layer_reference(layer, inputs)
     expected_sq = torch.stack([sum(g.pow(2).sum() for g in per) for per in grads])
     own = list(layer.parameters())
-    for dropped in ([None] * len(own), [torch.zeros_like(p, dtype=torch.bool) for p in own]):
-        got = layer_grads.squared_norms(layer, inputs, weights, dropped)
-        assert torch.allclose(got, expected_sq, rtol=EXACT, atol=0)
     factors = torch.tensor([0.5, 2.0, -1.0], dtype=torch.float64)
-    summed = layer_grads.weighted_sum(layer, inputs, weights, factors)
-    for k, got in enumerate(summed):
-        expected = sum(factors[i] * grads[i][k] for i in range(3))
-        assert torch.allclose(got, expected, rtol=EXACT, atol=1e-12)
+    expected_sums = [sum(factors[i] * grads[i][k] for i in range(3)) for k in range(len(own))]
+    no_mask = [None] * len(own)
+    keep_all = [torch.zeros_like(p, dtype=torch.bool) for p in own]
+    workspace = torch.empty((3, *own[0].shape), dtype=torch.float64)
+    for dropped, space in ((no_mask, None), (keep_all, None), (keep_all, workspace)):
+        if space is not None and not isinstance(layer, torch.nn.Conv2d):
+            continue
+        result = layer_grads.layer_norms(layer, inputs, weights, dropped, workspace=space)
+        assert torch.allclose(result.squared, expected_sq, rtol=EXACT, atol=0)
+        summed = layer_grads.weighted_sum(layer, inputs, weights, factors, result)
+        for got, expected in zip(summed, expected_sums):
+            assert torch.allclose(got, expected, rtol=EXACT, atol=1e-12)
 
 
 def test_clip_factors_edge_cases():
@@ -279,6 +284,19 @@ def test_rs_step_is_masked_sum_plus_masked_noise(model, batch, reference):
     ]
     difference = [a - b for a, b in zip(*results)]
     assert relative_error(difference, expected) < 1e-9
+
+
+def test_consecutive_steps_agree_across_strategies(model, batch):
+    """A second step must not see the first step's gradient (Opacus accumulates into p.grad)."""
+    results = {}
+    for strategy in STRATEGIES:
+        step = make_step(model, "flat", bound=0.5, seed=4, strategy=strategy)
+        step(*batch)
+        step(*batch)
+        results[strategy] = [p.grad.clone() for p in step.params]
+        step.close()
+    for strategy in ("loop", "opacus"):
+        assert relative_error(results[strategy], results["ghost"]) < EXACT
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

@@ -15,11 +15,14 @@ For a convolution without mask, the squared norm comes from the "ghost norm"
 arXiv 2110.05679) when that costs fewer multiply-adds than materialising the gradient:
 ``T^2 (D + p) < T D p``, i.e. ``T (D + p) < D p``, with ``T`` output positions, ``D``
 = in-channels x kernel area and ``p`` out-channels. Deep, low-resolution layers take
-the ghost norm, shallow ones materialise each example's weight gradient.
+the ghost norm, shallow ones materialise each example's weight gradient. Materialised
+gradients can be kept (in a caller-provided workspace) and summed directly, so that the
+weight-gradient work of such a layer is done once, as in a non-private step.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -47,43 +50,86 @@ def check_supported(name: str, module: nn.Module) -> None:
         )
 
 
-def squared_norms(
-    module: nn.Module, a: Tensor, b: Tensor, dropped: Sequence[Tensor | None]
-) -> Tensor:
+@dataclass
+class LayerGrads:
+    """One layer's per-sample squared gradient norms, and its per-sample gradients if kept.
+
+    Attributes:
+        squared: float64 ``(B,)``, each example's squared norm over the layer's own
+            parameters, after the RS mask.
+        per_sample: masked per-sample gradients ``(B, *param.shape)``, one per own
+            parameter, when they were materialised and kept for the weighted sum; None
+            when the weighted sum must be recomputed from ``a`` and ``b``.
+    """
+
+    squared: Tensor
+    per_sample: list[Tensor] | None
+
+
+def materialises(module: nn.Module, b: Tensor, *, masked: bool) -> bool:
+    """Return whether :func:`layer_norms` materialises ``module``'s weight gradients.
+
+    True for GroupNorm and Linear layers, and for convolutions under a mask or where
+    the ghost norm costs more than materialising.
+    """
+    if not isinstance(module, nn.Conv2d):
+        return True
+    return masked or not _ghost_is_cheaper(module, b)
+
+
+def layer_norms(
+    module: nn.Module,
+    a: Tensor,
+    b: Tensor,
+    dropped: Sequence[Tensor | None],
+    *,
+    workspace: Tensor | None = None,
+) -> LayerGrads:
     """Return each example's squared gradient norm over ``module``'s own parameters.
 
     ``dropped`` holds, per parameter of ``module`` in ``parameters(recurse=False)``
-    order, the RS mask's zeroed coordinates (True = zeroed) or None. The result is
-    float64 of shape ``(B,)``.
+    order, the RS mask's zeroed coordinates (True = zeroed) or None. A ``workspace`` of
+    shape ``(B, *weight.shape)`` lets a convolution keep its materialised per-sample
+    weight gradients for :func:`weighted_sum` instead of recomputing the sum.
     """
     if isinstance(module, nn.Conv2d):
-        return _conv_squared_norms(module, a, b, dropped)
+        return _conv_norms(module, a, b, dropped, workspace)
     per_sample = _small_per_sample_grads(module, a, b)
     total = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
     for grad, mask in zip(per_sample, dropped):
         if mask is not None:
-            grad = grad.masked_fill(mask, 0.0)
+            grad.masked_fill_(mask, 0.0)
         total += grad.flatten(1).pow(2).sum(1, dtype=torch.float64)
-    return total
+    return LayerGrads(squared=total, per_sample=per_sample)
 
 
-def weighted_sum(module: nn.Module, a: Tensor, b: Tensor, factors: Tensor) -> list[Tensor]:
-    """Return ``sum_i f_i g_i`` for each of ``module``'s own parameters."""
-    if isinstance(module, nn.Conv2d):
-        scaled = b * factors.to(b.dtype).view(-1, *([1] * (b.dim() - 1)))
-        return _conv_backward(module, a, scaled, weight=True, bias=module.bias is not None)
-    per_sample = _small_per_sample_grads(module, a, b)
-    weights = factors.to(b.dtype)
-    return [torch.einsum("i,i...->...", weights, grad) for grad in per_sample]
+def weighted_sum(
+    module: nn.Module, a: Tensor, b: Tensor, factors: Tensor, grads: LayerGrads
+) -> list[Tensor]:
+    """Return ``sum_i f_i g_i`` for each of ``module``'s own parameters.
+
+    Kept per-sample gradients are summed directly (and are already masked); otherwise
+    one batched weight-gradient pass of the reweighted output gradients ``f_i b_i``
+    gives the sum, unmasked.
+    """
+    if grads.per_sample is not None:
+        weights = factors.to(b.dtype)
+        return [torch.einsum("i,i...->...", weights, grad) for grad in grads.per_sample]
+    scaled = b * factors.to(b.dtype).view(-1, *([1] * (b.dim() - 1)))
+    return _conv_backward(module, a, scaled, weight=True, bias=module.bias is not None)
 
 
-def _conv_squared_norms(
-    module: nn.Conv2d, a: Tensor, b: Tensor, dropped: Sequence[Tensor | None]
-) -> Tensor:
+def _conv_norms(
+    module: nn.Conv2d,
+    a: Tensor,
+    b: Tensor,
+    dropped: Sequence[Tensor | None],
+    workspace: Tensor | None,
+) -> LayerGrads:
     batch = a.shape[0]
     total = torch.zeros(batch, dtype=torch.float64, device=a.device)
     weight_mask = dropped[0]
-    if weight_mask is None and _ghost_is_cheaper(module, b):
+    if not materialises(module, b, masked=weight_mask is not None):
         total += _conv_ghost_norms(module, a, b)
     else:
         for i in range(batch):
@@ -91,12 +137,17 @@ def _conv_squared_norms(
             if weight_mask is not None:
                 grad.masked_fill_(weight_mask, 0.0)
             total[i] += grad.pow(2).sum(dtype=torch.float64)
+            if workspace is not None:
+                workspace[i].copy_(grad)
+    per_sample = [workspace] if workspace is not None else None
     if module.bias is not None:
         bias_grads = b.flatten(2).sum(2)
         if dropped[1] is not None:
-            bias_grads = bias_grads.masked_fill(dropped[1], 0.0)
+            bias_grads.masked_fill_(dropped[1], 0.0)
         total += bias_grads.pow(2).sum(1, dtype=torch.float64)
-    return total
+        if per_sample is not None:
+            per_sample.append(bias_grads)
+    return LayerGrads(squared=total, per_sample=per_sample)
 
 
 def _ghost_is_cheaper(module: nn.Conv2d, b: Tensor) -> bool:

@@ -27,9 +27,9 @@ class NoiseSource:
     """Source of the Gaussian noise and the Poisson-sampling uniforms of one training run.
 
     Args:
-        seed: seed of the ``torch.Generator``; None draws one from ``os.urandom``. Anyone
-            who knows the seed can regenerate, and so remove, the noise: a fixed seed is
-            for reproducible simulations only.
+        seed: seed of the ``torch.Generator``; None draws one from ``os.urandom``. The
+            seed regenerates the noise, so anyone holding it can remove the noise. A fixed
+            seed is for reproducible simulations only.
         secure: draw every sample from ``os.urandom`` instead (slower; ``seed`` unused).
         device: where returned tensors live; the secure path draws on the CPU and copies.
     """
@@ -73,10 +73,17 @@ class NoiseSource:
             0.0, std, size=tuple(shape), generator=self.generator, device=self.device, dtype=dtype
         )
 
-    def add_normal_(self, tensors: Sequence[Tensor], *, std: float) -> None:
-        """Add independent N(0, std^2) noise to every element of ``tensors``, in place."""
+    def fill_normal_(self, tensors: Sequence[Tensor], *, std: float) -> None:
+        """Overwrite every element of ``tensors`` with independent N(0, std^2) samples.
+
+        Filling in place avoids allocating a fresh noise tensor of the model's size on
+        every step, which on a CPU costs about as much as drawing the samples.
+        """
         for tensor in tensors:
-            tensor.add_(self.normal(tensor.shape, std=std, dtype=tensor.dtype))
+            if self.secure or std == 0:
+                tensor.copy_(self.normal(tensor.shape, std=std, dtype=tensor.dtype))
+            else:
+                tensor.normal_(0.0, std, generator=self.generator)
 
 
 def _secure_uniform(n: int, *, open_at_zero: bool) -> np.ndarray:

@@ -1,9 +1,9 @@
 """Per-sample gradient strategies: each returns ``sum_i f_i (m * g_i)`` for clip factors ``f``.
 
-All strategies compute the same quantity exactly (up to floating-point rounding): the
-per-sample gradients ``g_i`` of the per-example losses, masked by the RS mask ``m``
-when there is one, their norms ``||m * g_i||``, the clip factors ``f_i = clip(norms)_i``
-and the sum of the clipped contributions. They differ in cost:
+All strategies compute the same quantity, exactly up to floating-point rounding. They
+take the per-sample gradients ``g_i`` of the per-example losses, mask them with the RS
+mask ``m`` when there is one, and compute the norms ``||m * g_i||``, the clip factors
+``f_i = clip(norms)_i`` and the sum of the clipped contributions. They differ in cost:
 
 - ``opacus``: Opacus ``GradSampleModule`` hooks materialise every per-sample gradient
   (``B x d`` floats) in one batched backward pass.
@@ -43,7 +43,7 @@ STRATEGIES = ("ghost", "loop", "opacus")
 
 @dataclass(frozen=True)
 class BatchStats:
-    """What one clipped sum saw: per-sample norms (after masking) and per-example losses."""
+    """Per-sample norms (after masking) and per-example losses of one clipped sum."""
 
     norms: Tensor
     losses: Tensor
@@ -124,6 +124,10 @@ class OpacusStrategy(PerSampleStrategy):
     def clipped_sum(self, images, targets, *, clip, mask, out):
         if images.shape[0] == 0:
             return BatchStats.empty()
+        for p in self.params:
+            # backward() also accumulates the plain batch gradient into p.grad, which may
+            # still point at the caller's output buffer from the previous step.
+            p.grad = None
         losses = self.loss_fn(self.wrapped(images), targets)
         losses.sum().backward()
         try:
@@ -170,6 +174,8 @@ class GhostStrategy(PerSampleStrategy):
             claimed.update(id(p) for p in own)
             self.layers.append(module)
             self.param_slots.append([index[id(p)] for p in own])
+        self._slot = {id(module): k for k, module in enumerate(self.layers)}
+        self._workspaces: dict[int, Tensor] = {}
         self._records: list[tuple[nn.Module, Tensor, Tensor]] = []
         self._recording = False
         self._handles = [layer.register_forward_hook(self._record) for layer in self.layers]
@@ -192,22 +198,52 @@ class GhostStrategy(PerSampleStrategy):
         outputs = [output for _, _, output in records]
         backprops = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
         with torch.no_grad():
-            slots = {id(module): self.param_slots[k] for k, module in enumerate(self.layers)}
-            total = torch.zeros(images.shape[0], dtype=torch.float64, device=images.device)
-            for (module, a, output), b in zip(records, backprops):
-                b = torch.zeros_like(output) if b is None else b
-                dropped = [None if mask is None else mask.dropped[k] for k in slots[id(module)]]
-                total += layer_grads.squared_norms(module, a, b, dropped)
-            norms = total.sqrt()
+            norms, layers = self._layer_norms(records, backprops, mask)
             factors = clip(norms)
-            for (module, a, output), b in zip(records, backprops):
+            for (module, a, _), b, grads in zip(records, backprops, layers):
                 if b is None:
                     continue
-                for k, grad in zip(slots[id(module)], layer_grads.weighted_sum(module, a, b, factors)):
-                    if mask is not None:
+                summed = layer_grads.weighted_sum(module, a, b, factors, grads)
+                for k, grad in zip(self.param_slots[self._slot[id(module)]], summed):
+                    if mask is not None and grads.per_sample is None:
                         grad.masked_fill_(mask.dropped[k], 0.0)
                     out[k].add_(grad)
         return BatchStats(norms=norms.cpu(), losses=losses.detach().cpu())
+
+    def _layer_norms(self, records, backprops, mask):
+        """Return per-sample norms over all layers and each layer's :class:`LayerGrads`.
+
+        A convolution keeps its materialised per-sample gradients while their total size
+        stays within the size of the output gradients already held. Memory for that part
+        at most doubles, and the other materialised layers recompute their weighted sum.
+        """
+        batch = records[0][1].shape[0]
+        budget = sum(b.numel() for b in backprops if b is not None)
+        used = 0
+        total = torch.zeros(batch, dtype=torch.float64, device=records[0][1].device)
+        layers = []
+        for (module, a, output), b in zip(records, backprops):
+            b = torch.zeros_like(output) if b is None else b
+            slots = self.param_slots[self._slot[id(module)]]
+            dropped = [None if mask is None else mask.dropped[k] for k in slots]
+            workspace = None
+            if isinstance(module, nn.Conv2d) and layer_grads.materialises(module, b, masked=mask is not None):
+                size = batch * module.weight.numel()
+                if used + size <= budget:
+                    workspace = self._workspace(module, batch)
+                    used += size
+            grads = layer_grads.layer_norms(module, a, b, dropped, workspace=workspace)
+            total += grads.squared
+            layers.append(grads)
+        return total.sqrt(), layers
+
+    def _workspace(self, module: nn.Module, batch: int) -> Tensor:
+        """Return a reused ``(batch, *weight.shape)`` buffer for ``module``'s per-sample gradients."""
+        buffer = self._workspaces.get(id(module))
+        if buffer is None or buffer.shape[0] < batch:
+            buffer = module.weight.new_empty((batch, *module.weight.shape))
+            self._workspaces[id(module)] = buffer
+        return buffer[:batch]
 
     def _check_records(self, records: list) -> None:
         calls: dict[int, int] = {}

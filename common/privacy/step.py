@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class MethodPieces:
-    """Which clipping function a method uses and whether it sparsifies (RS)."""
+    """A method's clipping function and whether it sparsifies (RS)."""
 
     clipping: str
     sparsify: bool
@@ -144,13 +144,14 @@ class DPStep:
         if self.pieces.sparsify and self.mask is None:
             raise RuntimeError(f"method {self.method!r} needs set_mask() before its first step")
         bound = self.clip_bound
-        for buffer in self.buffers:
-            buffer.zero_()
+        with torch.no_grad():
+            # The noise is drawn first and the clipped sum added onto it: the same sum
+            # as adding noise afterwards, without a second model-sized buffer.
+            self.source.fill_normal_(self.buffers, std=self.gradient_noise_multiplier * bound)
         stats = self.strategy.clipped_sum(
             images, targets, clip=self.clip_factors, mask=self.mask, out=self.buffers
         )
         with torch.no_grad():
-            self.source.add_normal_(self.buffers, std=self.gradient_noise_multiplier * bound)
             if self.mask is not None:
                 self.mask.apply_(self.buffers)
             for buffer in self.buffers:
