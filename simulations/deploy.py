@@ -531,7 +531,7 @@ class Deadline:
 
 @dataclass
 class DeployResult:
-    """Where a finished deployment left its results and how each process ended."""
+    """Outcome of a deployment: run folder, work folder, status, and how each process ended."""
 
     run_dir: Path
     workdir: Path

@@ -170,6 +170,45 @@ def test_plan_sites_invalid(tmp_path, kwargs, message):
         )
 
 
+def _deploy_args(*argv: str):
+    from simulations.cli import build_parser
+
+    return build_parser().parse_args(["deploy", *argv])
+
+
+def test_cli_config_overrides(tmp_path):
+    from simulations.cmd_deploy import build_config
+
+    args = _deploy_args("--rounds", "4", "--out", str(tmp_path / "out"), "-c", "image-size=128", "-c", "resume=true")
+
+    config = build_config(args, workdir=tmp_path, num_sites=3)
+
+    assert config.num_server_rounds == 4
+    assert config.num_sites == 3
+    assert config.image_size == 128
+    assert config.resume is True
+    assert config.output_dir == str(tmp_path / "out")
+
+
+def test_cli_default_run_folder(tmp_path):
+    from simulations.cmd_deploy import build_config
+
+    config = build_config(_deploy_args(), workdir=tmp_path, num_sites=2)
+
+    assert config.output_dir == str(tmp_path / "run")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("output-dir=x", "use --out"), ("num-sites=2", "use --sites"), ("image-sise=64", "unknown run setting")],
+)
+def test_cli_rejects_override(tmp_path, override, message):
+    from simulations.cmd_deploy import build_config
+
+    with pytest.raises(ValueError, match=message):
+        build_config(_deploy_args("-c", override), workdir=tmp_path, num_sites=2)
+
+
 def test_supernode_auth_needs_tls(tmp_path):
     with pytest.raises(ValueError, match="needs TLS"):
         deploy.superlink_command(port=1, database=tmp_path / "db", supernode_auth=True)
@@ -187,6 +226,18 @@ def test_flwr_config_connection(tmp_path):
     assert connection.address == "127.0.0.1:4321"
     assert connection.root_certificates == str(tmp_path / "ca.pem")
     assert connection.insecure is False
+
+
+def test_flwr_config_insecure_connection(tmp_path):
+    from flwr.cli.flower_config import parse_superlink_connection
+    import tomli
+
+    deploy.write_flwr_config(tmp_path, port=4321)
+    table = tomli.loads((tmp_path / "config.toml").read_text())
+    connection = parse_superlink_connection(table["superlink"][deploy.CONNECTION], deploy.CONNECTION)
+
+    assert connection.insecure is True
+    assert connection.root_certificates is None
 
 
 # ----- process hygiene ----------------------------------------------------------------------
