@@ -16,7 +16,9 @@ import pandas as pd
 import pytest
 import torch
 
+from common import federation as fed
 from common.config import RunConfig
+from common.privacy.sparse_upload import decode_update, round_mask, weight_shapes
 from common.privacy.ledger import PrivacyLedger
 from common.results import STATUS_FAILED, STATUS_OK
 
@@ -85,9 +87,15 @@ def test_two_rounds_aggregate_and_account(tmp_path, synthetic_dataset):
     replies = [
         train_round(replay, {"partition-id": site}, start, server_round=1) for site in range(NUM_SITES)
     ]
-    expected = weighted_average(
-        [r.weights for r in replies], [r.metrics["num-examples"] for r in replies]
-    )
+    site_weights = []
+    for site, reply in enumerate(replies):
+        if reply.info[fed.INFO_UPLOAD] == fed.UPLOAD_SPARSE:
+            mask = round_mask(config, weight_shapes(start), server_round=1, site=site)
+            site_weights.append(decode_update(start, reply.weights[fed.SPARSE_VALUES], mask))
+        else:
+            site_weights.append(reply.weights)
+    assert [r.info[fed.INFO_UPLOAD] for r in replies] == [fed.UPLOAD_SPARSE] * NUM_SITES
+    expected = weighted_average(site_weights, [r.metrics["num-examples"] for r in replies])
     final = torch.load(run_dir / "final_model.pt", weights_only=True)
     assert sorted(final) == sorted(expected)
     for key, value in expected.items():
