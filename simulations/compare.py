@@ -545,7 +545,8 @@ def write_report(outputs: Path) -> list[Path]:
             f"{outputs}` first)"
         )
     folder = outputs / COMPARISON_DIR
-    table = summarize(final_per_run(rounds))
+    final = final_per_run(rounds)
+    table = summarize(final)
     atomic.write_csv(folder / SUMMARY_CSV, table)
     figures = write_plots(rounds, folder)
     text = "\n".join(
@@ -553,7 +554,7 @@ def write_report(outputs: Path) -> list[Path]:
             "# RS vs AC comparison: summary\n",
             summary_markdown(table),
             "## Claims\n",
-            claims_markdown(claims(table)),
+            claims_markdown(claims(final)),
             "## Figures\n",
             *[f"- [{p.name}]({p.name})" for p in figures],
             "",

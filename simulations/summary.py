@@ -451,20 +451,26 @@ class Claim:
         return words.pop() if len(words) == 1 else "mixed"
 
 
-def claims(table: pd.DataFrame) -> list[Claim]:
-    """Test the three usual claims about RS and AC against a :func:`summarize` table.
+def claims(final: pd.DataFrame) -> list[Claim]:
+    """Test the three usual claims about RS and AC against :func:`final_per_run` rows.
 
-    - "RS gives stronger privacy than AC": the smaller ``epsilon_max`` wins; equal values
-      (relative difference under 1e-6) refute it, as equal ``(sigma, q, steps)`` must give.
+    - "RS gives stronger privacy than AC": the smaller ``epsilon_max`` (worst seed) wins;
+      equal values (relative difference under 1e-6) refute it, as equal
+      ``(sigma, q, steps)`` must give.
     - "RS is faster than AC": ``seconds_per_round`` (server wall time per round).
     - "AC reaches better accuracy than RS": final test Dice (validation Dice when no test
       split was evaluated).
 
-    Time and accuracy are confirmed or refuted only when both methods have at least two
-    seeds and their 95% intervals are disjoint; otherwise the verdict is ``undecided`` with
-    the reason.
+    Time and accuracy are compared per seed: RS and AC of one seed share the partition,
+    the initial weights and, being run back to back, about the same machine load. A claim
+    is confirmed or refuted only when the 95% Student-t interval of the paired difference
+    ``AC - RS`` over at least two seeds excludes 0; otherwise it is ``undecided`` with the
+    reason.
     """
-    accuracy = "test_dice" if table.get("test_dice_mean", pd.Series()).notna().any() else "val_dice"
+    table = summarize(final)
+    if table.empty:
+        return []
+    accuracy = "test_dice" if final["test_dice"].notna().any() else "val_dice"
     specs = [
         ("RS gives stronger privacy than AC", "epsilon_max", _privacy_verdict),
         ("RS is faster than AC", "seconds_per_round", _speed_verdict),
@@ -473,11 +479,11 @@ def claims(table: pd.DataFrame) -> list[Claim]:
     out = []
     for statement, metric, verdict in specs:
         verdicts = {}
-        for key, group in table.groupby(["setup", "sweep_epsilon"], dropna=False, sort=False):
-            rows = {r["method"]: r for r in group.to_dict("records")}
+        for key, group in final.groupby(["setup", "sweep_epsilon"], dropna=False, sort=False):
             label = key[0] if pd.isna(key[1]) else f"{key[0]}, target ε {key[1]:g}"
-            if "rs" in rows and "automatic" in rows:
-                verdicts[label] = verdict(rows["rs"], rows["automatic"], metric)
+            by_method = {m: g.set_index("seed")[metric] for m, g in group.groupby("method")}
+            if "rs" in by_method and "automatic" in by_method:
+                verdicts[label] = verdict(by_method["rs"], by_method["automatic"], metric)
         out.append(Claim(statement, metric, _claim_table(table, metric), verdicts))
     return out
 
@@ -494,8 +500,8 @@ def claims_markdown(found: list[Claim]) -> str:
     return "\n".join(parts) + "\n"
 
 
-def _privacy_verdict(rs: dict, ac: dict, metric: str) -> str:
-    eps_rs, eps_ac = rs[metric], ac[metric]
+def _privacy_verdict(rs: pd.Series, ac: pd.Series, metric: str) -> str:
+    eps_rs, eps_ac = float(rs.max()), float(ac.max())
     if not (np.isfinite(eps_rs) and np.isfinite(eps_ac)):
         return "undecided: an epsilon is missing"
     if math.isclose(eps_rs, eps_ac, rel_tol=1e-6):
@@ -508,36 +514,39 @@ def _privacy_verdict(rs: dict, ac: dict, metric: str) -> str:
     return f"refuted: epsilon {eps_rs:.3f} (RS) > {eps_ac:.3f} (AC)"
 
 
-def _speed_verdict(rs: dict, ac: dict, metric: str) -> str:
+def _speed_verdict(rs: pd.Series, ac: pd.Series, metric: str) -> str:
     # "RS is faster" means AC's time per round lies above RS's.
-    return _interval_verdict(
-        ac, rs, metric, unit=" s", confirmed="RS is faster", refuted="RS is slower"
+    return _paired_verdict(
+        ac, rs, unit=" s", confirmed="RS is faster", refuted="RS is slower"
     )
 
 
-def _accuracy_verdict(rs: dict, ac: dict, metric: str) -> str:
-    return _interval_verdict(
-        ac, rs, metric, unit="", confirmed="AC is more accurate", refuted="RS is more accurate"
+def _accuracy_verdict(rs: pd.Series, ac: pd.Series, metric: str) -> str:
+    return _paired_verdict(
+        ac, rs, unit="", confirmed="AC is more accurate", refuted="RS is more accurate"
     )
 
 
-def _interval_verdict(
-    ac: dict, rs: dict, metric: str, *, unit: str, confirmed: str, refuted: str
+def _paired_verdict(
+    ac: pd.Series, rs: pd.Series, *, unit: str, confirmed: str, refuted: str
 ) -> str:
-    """Decide the claim ``ac[metric] > rs[metric]`` from the two 95% intervals over seeds."""
-    ac_mean, ac_half = ac[f"{metric}_mean"], ac[f"{metric}_ci95"]
-    rs_mean, rs_half = rs[f"{metric}_mean"], rs[f"{metric}_ci95"]
-    if not (np.isfinite(ac_mean) and np.isfinite(rs_mean)):
-        return "undecided: a value is missing"
+    """Decide the claim ``ac > rs`` from the 95% interval of ``ac - rs`` over shared seeds."""
+    difference = (ac - rs).dropna()
+    difference = difference[np.isfinite(difference)]
+    n = len(difference)
+    if n == 0:
+        return "undecided: no seed has both values"
+    ac_mean, rs_mean = float(ac[difference.index].mean()), float(rs[difference.index].mean())
     numbers = f"AC {ac_mean:.3f}{unit}, RS {rs_mean:.3f}{unit}"
-    seeds = min(ac["seeds"], rs["seeds"])
-    if seeds < 2:
-        return f"undecided: too few seeds (n={seeds}, no interval); {numbers}"
-    if ac_mean - ac_half <= rs_mean + rs_half and rs_mean - rs_half <= ac_mean + ac_half:
-        return f"undecided: 95% intervals overlap ({numbers})"
-    if ac_mean > rs_mean:
-        return f"confirmed: {confirmed} ({numbers})"
-    return f"refuted: {refuted} ({numbers})"
+    if n < 2:
+        return f"undecided: too few seeds (n={n}, no interval); {numbers}"
+    mean, half, _ = mean_ci(difference)
+    interval = f"AC - RS = {mean:.3f} ± {half:.3f}{unit} over {n} seeds"
+    if mean - half <= 0 <= mean + half:
+        return f"undecided: the 95% interval of the paired difference contains 0 ({interval}; {numbers})"
+    if mean > 0:
+        return f"confirmed: {confirmed} ({interval}; {numbers})"
+    return f"refuted: {refuted} ({interval}; {numbers})"
 
 
 def _claim_table(table: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -557,6 +566,8 @@ def _claim_table(table: pd.DataFrame, metric: str) -> pd.DataFrame:
             cells[_CLAIM_LABELS[metric]] = format_ci(
                 row[f"{metric}_mean"], row[f"{metric}_ci95"], row["seeds"]
             )
+        if metric == "test_dice":
+            cells["final test Dice (positives)"] = format_ci(row["test_dice_positive_mean"], math.nan)
         if metric == "seconds_per_round":
             cells["site training s / round"] = format_ci(
                 row["train_seconds_per_round_mean"], row["train_seconds_per_round_ci95"],

@@ -195,8 +195,8 @@ def _claims_for(tmp_path, rs_dice, ac_dice, rs_time=10.0, ac_time=10.0, rs_step=
                   epsilon_step=rs_step)
         write_run(tmp_path, "automatic", seed=seed, dice=b, round_seconds=ac_time + seed * 0.1,
                   epsilon_step=ac_step)
-    table = summary.summarize(summary.final_per_run(summary.load_outputs(tmp_path)))
-    return {c.statement: c for c in summary.claims(table)}
+    final = summary.final_per_run(summary.load_outputs(tmp_path))
+    return {c.statement: c for c in summary.claims(final)}
 
 
 def test_claims_equal_epsilon_refutes_privacy(tmp_path):
@@ -227,10 +227,18 @@ def test_claims_opposite_direction_refutes(tmp_path):
     assert found["RS is faster than AC"].overall == "refuted"
 
 
-def test_claims_overlap_is_undecided(tmp_path):
+def test_claims_paired_interval_with_zero_undecided(tmp_path):
     found = _claims_for(tmp_path, [0.3, 0.7, 0.5], [0.4, 0.6, 0.55])
     verdict = found["AC reaches better accuracy than RS"].verdicts["iid"]
-    assert verdict.startswith("undecided: 95% intervals overlap")
+    assert verdict.startswith("undecided: the 95% interval of the paired difference contains 0")
+    assert "AC - RS = 0.017 ± " in verdict
+
+
+def test_claims_pair_seeds(tmp_path):
+    # The seeds differ a lot, but AC beats RS by 0.05 in each: the paired test decides.
+    found = _claims_for(tmp_path, [0.1, 0.5, 0.9], [0.15, 0.55, 0.95])
+    verdict = found["AC reaches better accuracy than RS"].verdicts["iid"]
+    assert verdict.startswith("confirmed: AC is more accurate (AC - RS = 0.050 ± 0.000")
 
 
 def test_claims_one_seed_is_undecided(tmp_path):
