@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +44,8 @@ _PANEL_INCHES = (4.6, 3.4)
 _DPI = 110
 _MIB = 1024.0 * 1024.0
 _METRIC_LABELS = {"test_dice": "test Dice", "val_dice": "validation Dice"}
+_UNIT_RANGE = (0.0, 1.0)
+_NON_NEGATIVE = (0.0, None)
 
 
 def write_plots(rounds: pd.DataFrame, folder: Path) -> list[Path]:
@@ -80,8 +81,9 @@ def plot_accuracy(by_round: pd.DataFrame, path: Path) -> Path:
     return _per_round_figure(
         by_round,
         [
-            ("val_dice", "validation Dice, all images\n(mean over sites)"),
-            ("val_dice_positive", "validation Dice, positive images\n(mean over sites)"),
+            ("val_dice", "validation Dice, all images\n(mean over sites)", _UNIT_RANGE),
+            ("val_dice_positive", "validation Dice, positive images\n(mean over sites)",
+             _UNIT_RANGE),
         ],
         path,
         title="Accuracy",
@@ -91,7 +93,7 @@ def plot_accuracy(by_round: pd.DataFrame, path: Path) -> Path:
 def plot_round_time(by_round: pd.DataFrame, path: Path) -> Path:
     """Server wall time per round: mean and 95% band over seeds per method."""
     return _per_round_figure(
-        by_round, [("round_seconds", "round wall time (s)")], path, title="Time per round"
+        by_round, [("round_seconds", "round wall time (s)", _NON_NEGATIVE)], path, title="Time per round"
     )
 
 
@@ -99,7 +101,7 @@ def plot_communication(by_round: pd.DataFrame, path: Path) -> Path:
     """Bytes one site uploads per round (mean over uploading sites), per method."""
     frame = by_round.assign(upload_mib=by_round["upload_bytes"] / _MIB)
     return _per_round_figure(
-        frame, [("upload_mib", "upload per site (MiB)")], path, title="Communication per round"
+        frame, [("upload_mib", "upload per site (MiB)", _NON_NEGATIVE)], path, title="Communication per round"
     )
 
 
@@ -159,7 +161,8 @@ def plot_per_site_dice(sites: pd.DataFrame, path: Path) -> Path:
             ax.bar(x, means, width, color=_COLORS.get(method),
                    label=_legend(method, max((s[2] for s in stats), default=0)))
             if any(np.isfinite(errors)):
-                ax.errorbar(x, means, yerr=np.nan_to_num(errors), fmt="none", ecolor="black", capsize=3)
+                ax.errorbar(x, means, yerr=_dice_error_bars(means, errors), fmt="none",
+                            ecolor="black", capsize=3)
         ax.set_xticks(np.arange(len(site_ids)), [f"site {s}" for s in site_ids])
         ax.set_ylabel(f"final {_METRIC_LABELS[metric]}")
         ax.set_title(label, fontsize=9)
@@ -192,8 +195,7 @@ def plot_privacy_utility(final: pd.DataFrame, path: Path) -> Path:
                 points.append((eps, mean, half, n))
             points.sort()
             xs, ys, halves, ns = zip(*points) if points else ((), (), (), ())
-            errors = [0.0 if math.isnan(h) else h for h in halves]
-            ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, color=_COLORS.get(method),
+            ax.errorbar(xs, ys, yerr=_dice_error_bars(ys, halves), marker="o", capsize=3, color=_COLORS.get(method),
                         label=_legend(method, min(ns) if ns else 0))
         ax.set_xscale("log", base=2)
         ax.set_xlabel("target ε per site (noise calibrated per value)")
@@ -208,17 +210,21 @@ def plot_privacy_utility(final: pd.DataFrame, path: Path) -> Path:
 
 
 def _per_round_figure(
-    by_round: pd.DataFrame, rows: list[tuple[str, str]], path: Path, *, title: str
+    by_round: pd.DataFrame, rows: list[tuple[str, str, tuple]], path: Path, *, title: str
 ) -> Path:
-    """Draw one row of panels per ``(column, ylabel)`` in ``rows``, one panel per setup."""
+    """Draw one row of panels per ``(column, ylabel, (low, high))`` in ``rows``, one per setup.
+
+    Bands are clipped to ``(low, high)``, the range the quantity can take: with few seeds
+    a t-interval easily reaches a negative time or a Dice above 1.
+    """
     panels = _panel_keys(by_round)
     fig, axes = _figure(len(rows), len(panels))
-    for row, (column, ylabel) in enumerate(rows):
+    for row, (column, ylabel, limits) in enumerate(rows):
         for col, (panel, label) in enumerate(panels):
             ax = axes[row][col]
             data = _select(by_round, panel)
             for method in method_order(data["method"]):
-                _band(ax, data[data["method"] == method], column, method)
+                _band(ax, data[data["method"] == method], column, method, limits)
             ax.set_xlabel("server round")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_ylabel(ylabel)
@@ -228,8 +234,8 @@ def _per_round_figure(
     return _save(fig, path)
 
 
-def _band(ax, data: pd.DataFrame, column: str, method: str) -> None:
-    """Draw the mean over seeds of ``column`` per round with its 95% band."""
+def _band(ax, data: pd.DataFrame, column: str, method: str, limits: tuple) -> None:
+    """Draw the mean over seeds of ``column`` per round with its 95% band, clipped to ``limits``."""
     rounds, means, lows, highs, count = [], [], [], [], 0
     for server_round, group in data.groupby("server_round"):
         mean, half, n = mean_ci(group[column])
@@ -241,7 +247,17 @@ def _band(ax, data: pd.DataFrame, column: str, method: str) -> None:
     color = _COLORS.get(method)
     ax.plot(rounds, means, marker="o", ms=3, color=color, label=_legend(method, count))
     if count > 1:
-        ax.fill_between(rounds, lows, highs, color=color, alpha=0.2)
+        low, high = limits
+        ax.fill_between(rounds, np.clip(lows, low, high), np.clip(highs, low, high),
+                        color=color, alpha=0.2)
+
+
+def _dice_error_bars(means, halves) -> np.ndarray:
+    """Return the ``(2, n)`` lower and upper error-bar lengths of Dice, kept inside [0, 1]."""
+    means = np.asarray(means, dtype=float)
+    halves = np.nan_to_num(np.asarray(halves, dtype=float))
+    low, high = _UNIT_RANGE
+    return np.vstack([np.minimum(halves, means - low), np.minimum(halves, high - means)])
 
 
 def _panel_keys(frame: pd.DataFrame) -> list[tuple[tuple, str]]:
