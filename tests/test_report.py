@@ -259,6 +259,7 @@ def test_claims_markdown_lists_tables_and_verdicts(tmp_path):
     assert "| method | setup | seeds | final test Dice |" in text
 
 
+@pytest.mark.slow
 def test_report_rebuilds_tables_and_plots(tmp_path):
     from PIL import Image
 
