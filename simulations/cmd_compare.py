@@ -97,7 +97,9 @@ def build_spec(args: argparse.Namespace):
     values = RunConfig(**preset.config).to_run_config()
     for key, value in parse_pairs(args.config, "-c").items():
         if key in PER_RUN_KEYS:
-            raise ValueError(f"-c {key}=... is set per run by the comparison; use {PER_RUN_KEYS[key]}")
+            raise ValueError(
+                f"-c {key}=... is set per run by the comparison; use {PER_RUN_KEYS[key]}"
+            )
         if key not in values:
             raise ValueError(
                 f"unknown run setting {key!r} in -c; valid keys: {', '.join(sorted(values))}"

@@ -132,7 +132,8 @@ class CompareSpec:
             raise ValueError(f"match must be one of {', '.join(MATCH_MODES)}; got {self.match!r}")
         if not self.setups or len(set(self.setups)) != len(self.setups):
             raise ValueError(f"setups must be non-empty and distinct; got {list(self.setups)}")
-        if not self.seeds or any(s < 0 for s in self.seeds) or len(set(self.seeds)) != len(self.seeds):
+        distinct = len(set(self.seeds)) == len(self.seeds)
+        if not self.seeds or any(s < 0 for s in self.seeds) or not distinct:
             raise ValueError(f"seeds must be distinct integers >= 0; got {list(self.seeds)}")
         bad = [e for e in self.sweep_epsilons if not (e > 0 and math.isfinite(e))]
         if bad:
@@ -201,7 +202,7 @@ def run_config_for(spec: CompareSpec, run: PlannedRun, manifest: Path) -> RunCon
 
 
 def resume_action(folder: Path) -> str:
-    """Return :data:`SKIP` for a finished run, :data:`RESUME` with a checkpoint, else :data:`START`."""
+    """Return :data:`SKIP` (finished run), :data:`RESUME` (checkpoint) or :data:`START`."""
     status_file = folder / results.STATUS_FILE
     if status_file.is_file():
         try:
@@ -249,7 +250,7 @@ def _same_value(saved: Any, wanted: Any) -> bool:
 
 
 class ManifestBuilder:
-    """Write and reuse the sites manifest of each setup and seed (``manifests/<setup>-seed<k>.csv``).
+    """Write, or reuse, the sites manifest ``manifests/<setup>-seed<k>.csv`` of a setup and seed.
 
     All methods of one setup and seed share the manifest, so they train on the same sites
     with the same sample rates. The dataset's records are read once per comparison. An
@@ -328,7 +329,8 @@ def run_comparison(
             ledger.update(run, state="complete")
             timer.skip()
             continue
-        log.info("%s: %s", counter, "resuming from its checkpoint" if action == RESUME else "starting")
+        verb = "resuming from its checkpoint" if action == RESUME else "starting"
+        log.info("%s: %s", counter, verb)
         started = time.monotonic()
         try:
             _run_one(spec, run, config.replace(resume=action == RESUME), runner)

@@ -39,7 +39,9 @@ COMMUNICATION_PNG = "communication.png"
 ROUND_TIME_PNG = "round_time.png"
 PRIVACY_UTILITY_PNG = "privacy_utility.png"
 
-_COLORS = dict(zip(METHOD_FOLDERS, ("#d62728", "#1f77b4", "#9467bd", "#2ca02c", "#ff7f0e", "#7f7f7f")))
+_COLORS = dict(
+    zip(METHOD_FOLDERS, ("#d62728", "#1f77b4", "#9467bd", "#2ca02c", "#ff7f0e", "#7f7f7f"))
+)
 _PANEL_INCHES = (4.6, 3.4)
 _DPI = 110
 _MIB = 1024.0 * 1024.0
@@ -93,7 +95,10 @@ def plot_accuracy(by_round: pd.DataFrame, path: Path) -> Path:
 def plot_round_time(by_round: pd.DataFrame, path: Path) -> Path:
     """Server wall time per round: mean and 95% band over seeds per method."""
     return _per_round_figure(
-        by_round, [("round_seconds", "round wall time (s)", _NON_NEGATIVE)], path, title="Time per round"
+        by_round,
+        [("round_seconds", "round wall time (s)", _NON_NEGATIVE)],
+        path,
+        title="Time per round",
     )
 
 
@@ -101,7 +106,10 @@ def plot_communication(by_round: pd.DataFrame, path: Path) -> Path:
     """Bytes one site uploads per round (mean over uploading sites), per method."""
     frame = by_round.assign(upload_mib=by_round["upload_bytes"] / _MIB)
     return _per_round_figure(
-        frame, [("upload_mib", "upload per site (MiB)", _NON_NEGATIVE)], path, title="Communication per round"
+        frame,
+        [("upload_mib", "upload per site (MiB)", _NON_NEGATIVE)],
+        path,
+        title="Communication per round",
     )
 
 
@@ -195,8 +203,8 @@ def plot_privacy_utility(final: pd.DataFrame, path: Path) -> Path:
                 points.append((eps, mean, half, n))
             points.sort()
             xs, ys, halves, ns = zip(*points) if points else ((), (), (), ())
-            ax.errorbar(xs, ys, yerr=_dice_error_bars(ys, halves), marker="o", capsize=3, color=_COLORS.get(method),
-                        label=_legend(method, min(ns) if ns else 0))
+            ax.errorbar(xs, ys, yerr=_dice_error_bars(ys, halves), marker="o", capsize=3,
+                        color=_COLORS.get(method), label=_legend(method, min(ns) if ns else 0))
         ax.set_xscale("log", base=2)
         ax.set_xlabel("target ε per site (noise calibrated per value)")
         ax.set_ylabel(f"final {_METRIC_LABELS[metric]}")

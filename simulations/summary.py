@@ -67,7 +67,9 @@ RUN_KEYS = ("method", "setup", "sweep_epsilon", "seed")
 GROUP_KEYS = ("method", "setup", "sweep_epsilon")
 """Columns of one summary row: a run group that differs only by seed."""
 
-_RUN_NAME = re.compile(r"^(?P<setup>.+)-seed(?P<seed>\d+)(?:-eps(?P<eps>\d+(?:\.\d+)?(?:e-?\d+)?))?$")
+_RUN_NAME = re.compile(
+    r"^(?P<setup>.+)-seed(?P<seed>\d+)(?:-eps(?P<eps>\d+(?:\.\d+)?(?:e-?\d+)?))?$"
+)
 _FINAL_COLUMNS = (
     "val_dice",
     "val_dice_positive",
@@ -543,7 +545,10 @@ def _paired_verdict(
     mean, half, _ = mean_ci(difference)
     interval = f"AC - RS = {mean:.3f} ± {half:.3f}{unit} over {n} seeds"
     if mean - half <= 0 <= mean + half:
-        return f"undecided: the 95% interval of the paired difference contains 0 ({interval}; {numbers})"
+        return (
+            "undecided: the 95% interval of the paired difference contains 0 "
+            f"({interval}; {numbers})"
+        )
     if mean > 0:
         return f"confirmed: {confirmed} ({interval}; {numbers})"
     return f"refuted: {refuted} ({interval}; {numbers})"
@@ -567,7 +572,8 @@ def _claim_table(table: pd.DataFrame, metric: str) -> pd.DataFrame:
                 row[f"{metric}_mean"], row[f"{metric}_ci95"], row["seeds"]
             )
         if metric == "test_dice":
-            cells["final test Dice (positives)"] = format_ci(row["test_dice_positive_mean"], math.nan)
+            positives = row["test_dice_positive_mean"]
+            cells["final test Dice (positives)"] = format_ci(positives, math.nan)
         if metric == "seconds_per_round":
             cells["site training s / round"] = format_ci(
                 row["train_seconds_per_round_mean"], row["train_seconds_per_round_ci95"],
