@@ -302,8 +302,16 @@ class ManagedProcess:
             time.sleep(0.1)
 
     def stop(self, grace: float = STOP_GRACE) -> None:
-        """Stop the process group with SIGTERM, then SIGKILL what is left after ``grace`` s."""
+        """Send SIGTERM to the process, its group and its descendants; SIGKILL what is left after ``grace`` s.
+
+        Descendants that left the group get SIGTERM at the same moment as the leader, so a
+        ServerApp under a SuperLink stops as soon as the SuperLink does, not after it.
+        """
         self.record_descendants()
+        for process_id in self.alive():
+            if process_id.pid != self.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process_id.pid, signal.SIGTERM)
         if self.popen.poll() is None:
             self.stopped_by_launcher = True
             _signal_group(self.pid, signal.SIGTERM)
@@ -373,7 +381,12 @@ def tail_file(path: Path, lines: int = TAIL_LINES) -> str:
 
 
 class ProcessGroup:
-    """The processes of one deployment; ``close`` stops them all, newest first."""
+    """The processes of one deployment; ``close`` stops them all in the order they started.
+
+    The order matters: the SuperLink, and with it the ServerApp, must stop before any
+    SuperNode. A SuperNode that leaves first deregisters at once, so the server would
+    record the round in progress as failed for that site and could finish the run.
+    """
 
     def __init__(self, *, env: dict, cwd: Path, log_dir: Path):
         self.env, self.cwd, self.log_dir = env, cwd, log_dir
@@ -391,7 +404,7 @@ class ProcessGroup:
             process.record_descendants()
 
     def close(self) -> None:
-        for process in reversed(self.processes):
+        for process in self.processes:
             try:
                 process.stop()
             except Exception:  # noqa: BLE001 - one failed stop must not leave the others running
@@ -503,6 +516,9 @@ def deploy_environment(flwr_home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(FLOWER_ENV)
     env["FLWR_HOME"] = str(flwr_home)
+    # The SuperLink and SuperNodes start `flower-superexec` by name, so this environment's
+    # scripts must be on PATH even when the venv is not activated (as in CI).
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
 
 
@@ -584,7 +600,8 @@ def run_deployment(
                 app_dir=Path(app_dir or project_root()),
             )
     finally:
-        group.close()
+        with _signals_ignored_while_stopping():
+            group.close()
         processes = _process_summary(group)
         atomic.write_json(
             workdir / SUMMARY_FILE,
@@ -811,6 +828,24 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _signals_ignored_while_stopping() -> Iterator[None]:
+    """Let a second Ctrl-C or SIGTERM not cut the cleanup short and leave processes running."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def wait_please(signum, frame):
+        log.warning("%s received while stopping the deployment's processes; still stopping", signal.Signals(signum).name)
+
+    previous = {signum: signal.signal(signum, wait_please) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _process_summary(group: ProcessGroup) -> list[dict]:

@@ -286,6 +286,34 @@ def test_stop_kills_escaped_child(tmp_path):
     assert group.alive() == []
 
 
+# Prints the CLOCK_MONOTONIC time (shared by all processes on Linux) when SIGTERM arrives.
+_TERM_CLOCK = textwrap.dedent(
+    """
+    import signal, sys, time
+    def stop(signum, frame):
+        print("stopped", time.monotonic_ns(), flush=True)
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, stop)
+    print("ready", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_close_stops_in_start_order(tmp_path):
+    group = _group(tmp_path)
+    names = ["superlink", "supernode-0", "supernode-1"]
+    processes = [group.start(name, [sys.executable, "-c", _TERM_CLOCK]) for name in names]
+    for process in processes:
+        _wait_for_text(process.log_path, "ready")
+
+    group.close()
+    stopped_at = [int(_wait_for_text(p.log_path, "stopped").split()[-1]) for p in processes]
+
+    assert stopped_at == sorted(stopped_at)
+    assert [p.describe_exit() for p in processes] == ["exited 0 after SIGTERM"] * 3
+
+
 def test_wait_for_port_reports_early_exit(tmp_path):
     group = _group(tmp_path)
     code = "import sys; print('cannot bind: address in use'); sys.exit(3)"
@@ -449,15 +477,36 @@ def _site_epsilon(site: deploy.SiteSpec) -> tuple[int, float]:
 
 @pytest.mark.slow
 def test_deploy_two_sites_loopback(rsna_sample, sample_manifest, tmp_path):
+    """Round 1 without TLS; the server stops; round 2 resumes over TLS with SuperNode auth.
+
+    One test, so the suite pays for two deployments rather than three. It covers a plain
+    run, a TLS run with registered SuperNode keys, and resume at round r+1 with the
+    sites' ledgers intact.
+    """
     workdir = tmp_path / "deploy"
     sites = deploy.plan_sites(2, workdir=workdir, data_dir=rsna_sample, manifest=sample_manifest)
-    config = _tiny_config(workdir, tmp_path / "cache", rounds=2)
 
-    result = deploy.run_deployment(config, sites, workdir=workdir, timeout=DEPLOY_DEADLINE)
-    rows = _rows(result.run_dir)
+    first = deploy.run_deployment(
+        _tiny_config(workdir, tmp_path / "cache", rounds=1), sites, workdir=workdir, timeout=DEPLOY_DEADLINE
+    )
+    rows = _rows(first.run_dir)
 
-    assert result.status["complete"] is True
-    assert result.status["last_round"] == 2
+    assert first.status["complete"] is True
+    assert first.status["last_round"] == 1
+    assert list(zip(rows.server_round, rows.site, rows.status)) == [(1, 0, "ok"), (1, 1, "ok")]
+    assert [_site_epsilon(site)[0] for site in sites] == [1, 1]
+    assert "--insecure" in {p["name"]: p["command"] for p in first.processes}["superlink"]
+    _assert_all_stopped(first)
+
+    resumed = _tiny_config(workdir, tmp_path / "cache", rounds=2).replace(resume=True)
+    second = deploy.run_deployment(
+        resumed, sites, workdir=workdir, tls=True, supernode_auth=True, timeout=DEPLOY_DEADLINE
+    )
+    rows = _rows(second.run_dir)
+    commands = {p["name"]: p["command"] for p in second.processes}
+
+    assert second.status["complete"] is True
+    assert second.status["last_round"] == 2
     assert list(zip(rows.server_round, rows.site, rows.status)) == [
         (1, 0, "ok"), (1, 1, "ok"), (2, 0, "ok"), (2, 1, "ok"),
     ]
@@ -469,24 +518,6 @@ def test_deploy_two_sites_loopback(rsna_sample, sample_manifest, tmp_path):
         assert last.epsilon_server == pytest.approx(epsilon, rel=1e-9)
         assert last.epsilon == pytest.approx(epsilon, rel=1e-9)
         assert epsilon <= TARGET_EPSILON
-    assert {p["name"]: p["returncode"] for p in result.processes}["flwr-run"] == 0
-    _assert_all_stopped(result)
-
-
-@pytest.mark.slow
-def test_deploy_tls_supernode_auth(rsna_sample, sample_manifest, tmp_path):
-    workdir = tmp_path / "deploy"
-    sites = deploy.plan_sites(2, workdir=workdir, data_dir=rsna_sample, manifest=sample_manifest)
-    config = _tiny_config(workdir, tmp_path / "cache", rounds=1)
-
-    result = deploy.run_deployment(
-        config, sites, workdir=workdir, tls=True, supernode_auth=True, timeout=DEPLOY_DEADLINE
-    )
-    rows = _rows(result.run_dir)
-    commands = {p["name"]: p["command"] for p in result.processes}
-
-    assert result.status["complete"] is True
-    assert list(zip(rows.site, rows.status)) == [(0, "ok"), (1, "ok")]
     assert "--insecure" not in commands["superlink"]
     assert "--enable-supernode-auth" in commands["superlink"]
     for site in sites:
@@ -494,8 +525,8 @@ def test_deploy_tls_supernode_auth(rsna_sample, sample_manifest, tmp_path):
         assert "--insecure" not in command
         assert command[command.index("--root-certificates") + 1] == str(workdir / "certs" / "ca.pem")
         assert "--auth-supernode-private-key" in command
-        assert _site_epsilon(site)[0] == 1
-    _assert_all_stopped(result)
+    assert {p["name"]: p["returncode"] for p in second.processes}["flwr-run"] == 0
+    _assert_all_stopped(second)
 
 
 def _kill_when(process: deploy.ManagedProcess, text: str, *, occurrence: int, timeout: float) -> threading.Thread:
