@@ -259,6 +259,7 @@ def _manifest_stub(spec, setup, seed):
     return spec.outputs / "manifests" / f"{setup}-seed{seed}.csv"
 
 
+@pytest.mark.slow
 def test_comparison_skips_finished_and_resumes(tmp_path, caplog):
     spec = _spec(tmp_path, seeds=(0, 1))
     runner = _SchemaRunner()
