@@ -57,6 +57,16 @@ TAIL_LINES = 40
 SUMMARY_FILE = "deploy.json"
 RUN_CONFIG_FILE = "run_config.toml"
 
+STOP_LOG_STREAM, STOP_SERVER, STOP_SITE = 0, 1, 2
+"""Stop ranks: ``flwr run`` (a log stream), then the SuperLink with its ServerApp, then SuperNodes.
+
+The SuperLink and its ServerApp must stop before any SuperNode. A SuperNode that leaves
+first deregisters at once, so the server would record the round in progress as failed
+for that site and could finish the run. ``flwr run --stream`` goes first because the
+SuperLink waits for its open log-stream connection before it exits; stopping the stream
+leaves the run itself untouched.
+"""
+
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -247,12 +257,23 @@ def descendants(pid: int) -> list[ProcessId]:
 class ManagedProcess:
     """One started program: its command, log file, port, and everything it spawned."""
 
-    def __init__(self, name: str, command: list[str], *, log_path: Path, env: dict, cwd: Path, port: int | None = None):
+    def __init__(
+        self,
+        name: str,
+        command: list[str],
+        *,
+        log_path: Path,
+        env: dict,
+        cwd: Path,
+        port: int | None = None,
+        stop_rank: int = STOP_SERVER,
+    ):
         self.name = name
         self.command = command
         self.log_path = log_path
         self.port = port
         self.stopped_by_launcher = False
+        self.stop_rank = stop_rank
         self.seen: set[ProcessId] = set()
         _keep_previous(log_path)
         with open(log_path, "wb") as sink:
@@ -381,20 +402,18 @@ def tail_file(path: Path, lines: int = TAIL_LINES) -> str:
 
 
 class ProcessGroup:
-    """The processes of one deployment; ``close`` stops them all in the order they started.
-
-    The order matters: the SuperLink, and with it the ServerApp, must stop before any
-    SuperNode. A SuperNode that leaves first deregisters at once, so the server would
-    record the round in progress as failed for that site and could finish the run.
-    """
+    """The processes of one deployment; ``close`` stops them by stop rank, then start order."""
 
     def __init__(self, *, env: dict, cwd: Path, log_dir: Path):
         self.env, self.cwd, self.log_dir = env, cwd, log_dir
         self.processes: list[ManagedProcess] = []
 
-    def start(self, name: str, command: list[str], *, port: int | None = None) -> ManagedProcess:
+    def start(
+        self, name: str, command: list[str], *, port: int | None = None, stop_rank: int = STOP_SERVER
+    ) -> ManagedProcess:
         process = ManagedProcess(
-            name, command, log_path=self.log_dir / f"{name}.log", env=self.env, cwd=self.cwd, port=port
+            name, command, log_path=self.log_dir / f"{name}.log", env=self.env, cwd=self.cwd, port=port,
+            stop_rank=stop_rank,
         )
         self.processes.append(process)
         return process
@@ -404,7 +423,7 @@ class ProcessGroup:
             process.record_descendants()
 
     def close(self) -> None:
-        for process in self.processes:
+        for process in sorted(self.processes, key=lambda p: p.stop_rank):  # sorted() is stable
             try:
                 process.stop()
             except Exception:  # noqa: BLE001 - one failed stop must not leave the others running
@@ -593,14 +612,14 @@ def run_deployment(
     group = ProcessGroup(env=env, cwd=workdir, log_dir=workdir / "logs")
     status: dict = {}
     try:
-        with _sigterm_as_interrupt():
+        with _signal_handlers(_raise_interrupt, (signal.SIGTERM,)):
             status = _deploy(
                 config, sites, group, workdir, env, tls=tls, supernode_auth=supernode_auth,
                 deadline=deadline, on_line=on_line, after_start=after_start,
                 app_dir=Path(app_dir or project_root()),
             )
     finally:
-        with _signals_ignored_while_stopping():
+        with _signal_handlers(_log_still_stopping, (signal.SIGINT, signal.SIGTERM)):
             group.close()
         processes = _process_summary(group)
         atomic.write_json(
@@ -639,7 +658,7 @@ def _deploy(config, sites, group, workdir, env, *, tls, supernode_auth, deadline
     config_file = workdir / RUN_CONFIG_FILE
     write_run_config(config, config_file)
     started_ns = time.time_ns()
-    run = group.start("flwr-run", flwr_run_command(config_file, app_dir=app_dir))
+    run = group.start("flwr-run", flwr_run_command(config_file, app_dir=app_dir), stop_rank=STOP_LOG_STREAM)
     if after_start is not None:
         after_start(group)
     _follow_run(run, superlink, supernodes, group, deadline, on_line)
@@ -707,7 +726,7 @@ def start_supernode(
     site.site_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     command = supernode_command(site, superlink_port=superlink_port, port=port, ca_cert=ca_cert, auth_key=auth_key)
-    return group.start(f"supernode-{site.site}", command, port=port)
+    return group.start(f"supernode-{site.site}", command, port=port, stop_rank=STOP_SITE)
 
 
 def _follow_run(run, superlink, supernodes, group, deadline, on_line) -> None:
@@ -814,38 +833,30 @@ def _remove_database(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt so ``finally`` stops the processes on ``kill``."""
+def _signal_handlers(handler: Callable, signums: Sequence[int]) -> Iterator[None]:
+    """Install ``handler`` for ``signums`` and restore the previous handlers on exit.
+
+    Python accepts signal handlers only in the main thread, so elsewhere nothing changes.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {signum: signal.signal(signum, handler) for signum in signums}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
-@contextlib.contextmanager
-def _signals_ignored_while_stopping() -> Iterator[None]:
-    """Let a second Ctrl-C or SIGTERM not cut the cleanup short and leave processes running."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+def _raise_interrupt(signum, frame) -> None:
+    # SIGTERM becomes KeyboardInterrupt, so ``finally`` stops the processes on ``kill`` too.
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
-    def wait_please(signum, frame):
-        log.warning("%s received while stopping the deployment's processes; still stopping", signal.Signals(signum).name)
 
-    previous = {signum: signal.signal(signum, wait_please) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+def _log_still_stopping(signum, frame) -> None:
+    # A second Ctrl-C or SIGTERM must not cut the cleanup short and leave processes running.
+    log.warning("%s received while stopping the deployment's processes; still stopping", signal.Signals(signum).name)
 
 
 def _process_summary(group: ProcessGroup) -> list[dict]:

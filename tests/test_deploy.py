@@ -300,18 +300,36 @@ _TERM_CLOCK = textwrap.dedent(
 )
 
 
-def test_close_stops_in_start_order(tmp_path):
+def test_close_stops_server_before_sites(tmp_path):
     group = _group(tmp_path)
-    names = ["superlink", "supernode-0", "supernode-1"]
-    processes = [group.start(name, [sys.executable, "-c", _TERM_CLOCK]) for name in names]
-    for process in processes:
+    ranks = {
+        "superlink": deploy.STOP_SERVER,
+        "supernode-0": deploy.STOP_SITE,
+        "supernode-1": deploy.STOP_SITE,
+        "flwr-run": deploy.STOP_LOG_STREAM,
+    }
+    processes = {
+        name: group.start(name, [sys.executable, "-c", _TERM_CLOCK], stop_rank=rank) for name, rank in ranks.items()
+    }
+    for process in processes.values():
         _wait_for_text(process.log_path, "ready")
 
     group.close()
-    stopped_at = [int(_wait_for_text(p.log_path, "stopped").split()[-1]) for p in processes]
+    stopped_at = {name: int(_wait_for_text(p.log_path, "stopped").split()[-1]) for name, p in processes.items()}
 
-    assert stopped_at == sorted(stopped_at)
-    assert [p.describe_exit() for p in processes] == ["exited 0 after SIGTERM"] * 3
+    assert sorted(stopped_at, key=stopped_at.get) == ["flwr-run", "superlink", "supernode-0", "supernode-1"]
+    assert {p.describe_exit() for p in processes.values()} == {"exited 0 after SIGTERM"}
+
+
+def test_sigterm_becomes_keyboard_interrupt():
+    before = signal.getsignal(signal.SIGTERM)
+
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        with deploy._signal_handlers(deploy._raise_interrupt, (signal.SIGTERM,)):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_wait_for_port_reports_early_exit(tmp_path):
@@ -558,7 +576,7 @@ def test_deploy_survives_killed_supernode(rsna_sample, sample_manifest, tmp_path
     watchers = []
 
     def kill_site_1_in_round_2(group: deploy.ProcessGroup) -> None:
-        # Round 2, so the server already knows which site the node is.
+        # Round 2, so round 1 finishes with both sites and gives the rows to compare with.
         node = next(p for p in group.processes if p.name == "supernode-1")
         watchers.append(_kill_when(node, "Receiving: train message", occurrence=2, timeout=DEPLOY_DEADLINE))
 
