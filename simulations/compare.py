@@ -58,11 +58,11 @@ SKIP, RESUME, START = "skip", "resume", "start"
 """What :func:`resume_action` decides for a run folder."""
 
 _UNCOMPARED_KEYS = frozenset(
-    {"resume", "output_dir", "data_dir", "manifest", "cache_dir", "site_dir", "init_weights",
-     "round_timeout"}
+    {"resume", "output_dir", "manifest", "cache_dir", "site_dir", "init_weights", "round_timeout"}
 )
 """Run settings that may differ between a saved run and a resumed comparison: paths (the
-runner makes them absolute) and operational limits."""
+runner makes them absolute) and operational limits. The dataset path is compared after
+resolving it, so results of one dataset are never reported as another's."""
 
 Runner = Callable[..., Path]
 
@@ -232,13 +232,21 @@ def check_saved_config(folder: Path, config: RunConfig) -> None:
     differences = [
         f"{key.replace('_', '-')}: saved {saved[key]!r}, requested {value!r}"
         for key, value in wanted.items()
-        if key not in skip and key in saved and not _same_value(saved[key], value)
+        if key not in skip
+        and key in saved
+        and not (_same_path if key == "data_dir" else _same_value)(saved[key], value)
     ]
     if differences:
         raise ValueError(
             f"the run in {folder} was made with other settings ({'; '.join(differences)}); "
             "choose another --out folder, or delete that run folder to redo it"
         )
+
+
+def _same_path(saved: Any, wanted: Any) -> bool:
+    if not saved or not wanted:
+        return str(saved or "") == str(wanted or "")
+    return Path(str(saved)).expanduser().resolve() == Path(str(wanted)).expanduser().resolve()
 
 
 def _same_value(saved: Any, wanted: Any) -> bool:
@@ -267,12 +275,21 @@ class ManifestBuilder:
         path = Path(spec.outputs) / MANIFEST_DIR / f"{setup}-seed{seed}.csv"
         settings = spec.site_settings(setup, seed)
         if path.is_file():
-            saved = (read_manifest_sidecar(path) or {}).get("settings")
+            sidecar = read_manifest_sidecar(path) or {}
+            saved = sidecar.get("settings")
             wanted = json.loads(json.dumps(settings.to_dict()))
             if saved != wanted:
+                changed = sorted(k for k in set(saved or {}) | set(wanted) if (saved or {}).get(k) != wanted.get(k))
+                details = "; ".join(f"{k}: saved {(saved or {}).get(k)!r}, requested {wanted.get(k)!r}" for k in changed)
                 raise ValueError(
-                    f"manifest {path} was made with other partition settings (saved {saved}, "
-                    f"requested {wanted}); choose another --out folder or delete it"
+                    f"manifest {path} was made with other partition settings ({details}); "
+                    "choose another --out folder or delete it"
+                )
+            source = sidecar.get("source")
+            if source and not _same_path(source, spec.data_dir):
+                raise ValueError(
+                    f"manifest {path} was made from the dataset {source}, not {spec.data_dir}; "
+                    "choose another --out folder for another dataset"
                 )
             return path
         frame = self._records(Path(spec.data_dir))

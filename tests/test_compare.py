@@ -128,11 +128,21 @@ def test_saved_config_mismatch_names_key(tmp_path):
         compare.check_saved_config(tmp_path, config)
 
 
-def test_saved_config_ignores_paths_and_calibrated_noise(tmp_path):
+def test_saved_config_ignores_paths_and_calibrated_noise(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     config = RunConfig(calibrate_noise=True, data_dir="data")
-    saved = config.replace(noise_multiplier=0.731, data_dir="/abs/data", resume=True)
+    saved = config.replace(
+        noise_multiplier=0.731, data_dir=str(tmp_path / "data"), resume=True, cache_dir="/c"
+    )
     write_json(tmp_path / results.CONFIG_FILE, saved.to_run_config())
     compare.check_saved_config(tmp_path, config)
+
+
+def test_saved_config_rejects_other_dataset(tmp_path):
+    saved = RunConfig(data_dir=str(tmp_path / "demo-data"))
+    write_json(tmp_path / results.CONFIG_FILE, saved.to_run_config())
+    with pytest.raises(ValueError, match="data-dir: saved"):
+        compare.check_saved_config(tmp_path, saved.replace(data_dir=str(tmp_path / "other")))
 
 
 def test_time_left_estimate():
