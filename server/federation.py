@@ -289,13 +289,17 @@ def _log_round(config, server_round, train, rows, tracker, seconds) -> None:
     ok_rows = [r for r in rows if r["status"] == STATUS_OK]
     loss = _weighted(ok_rows, "train_loss", "num_examples")
     dice = _weighted([r for r in rows if "val_dice" in r], "val_dice", None)
+    dice_positive = _weighted(
+        [r for r in rows if np.isfinite(r.get("val_dice_positive", np.nan))], "val_dice_positive", None
+    )
     log.info(
         "round %d/%d: sampled %s, replied %s, failed %s, refused %s | epsilon per site %s, "
-        "max %.3f (%s, delta=%g) | train loss %s | val Dice %s | %.1f s",
+        "max %.3f (%s, delta=%g) | train loss %s | val Dice %s (positive images %s) | %.1f s",
         server_round, config.num_server_rounds, ",".join(str(s) for s in sorted(r.site for r in train)),
         sites(STATUS_OK), sites(STATUS_FAILED), sites(STATUS_REFUSED), per_site or "-",
         tracker.max_epsilon(), config.accountant, config.delta,
-        "-" if loss is None else f"{loss:.4f}", "-" if dice is None else f"{dice:.4f}", seconds,
+        "-" if loss is None else f"{loss:.4f}", "-" if dice is None else f"{dice:.4f}",
+        "-" if dice_positive is None else f"{dice_positive:.4f}", seconds,
     )
     if failures:
         log.warning("round %d failures: %s", server_round, failures)
