@@ -4,8 +4,8 @@ Model: the ResNet34 U-Net of :func:`common.model.build_unet`, batch 8, images of
 256 pixels, CPU with 2 threads (and the GPU when one is available). Each timed step is
 the whole update: per-sample gradients, masking, clipping, noise, scaling and the SGD
 step. All configurations run interleaved in one process, round after round, so load
-from other processes hits them alike; the table gives the median over rounds and the
-ratio to the non-private step's median.
+from other processes hits them alike. The table gives medians over rounds of wall time
+and of this process's CPU time, and their ratios to the non-private step's medians.
 
 Peak memory is measured once per configuration in a fresh child process: on the CPU
 the rise of the resident set (``VmHWM``, reset before the first step) over the state

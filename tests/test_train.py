@@ -118,6 +118,7 @@ def test_single_window_uses_final_rate():
     assert result.rs_rate == 0.5
 
 
+@pytest.mark.slow
 def test_empty_batches_still_count_as_steps():
     # q = 1/20: each step is empty with probability (19/20)^20 ~ 0.36.
     ledger = PrivacyLedger(None, delta=1e-5, target_epsilon=100.0)
