@@ -378,3 +378,12 @@ def test_poisson_sample_size():
     assert len(poisson_sample(5, sample_rate=1.0, source=source)) == 5
     with pytest.raises(ValueError, match="sample_rate must lie in \\(0, 1\\], got 0"):
         poisson_sample(5, sample_rate=0, source=source)
+
+
+def test_default_strategy_per_device():
+    from common.privacy.per_sample import default_strategy
+
+    assert default_strategy("cpu", sparsify=False) == "ghost"
+    assert default_strategy("cpu", sparsify=True) == "loop"
+    assert default_strategy(torch.device("cuda"), sparsify=False) == "ghost"
+    assert default_strategy("cuda", sparsify=True) == "opacus"

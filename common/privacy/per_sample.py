@@ -281,17 +281,18 @@ def make_strategy(name: str, model: nn.Module, loss_fn: LossFn) -> PerSampleStra
 def default_strategy(device: torch.device | str, *, sparsify: bool) -> str:
     """Return the per-sample strategy to use on ``device`` (for an RS method if ``sparsify``).
 
-    CPU: ``ghost`` for every method. Measured with ``benchmarks/bench_dp_step.py``
-    (ResNet34 U-Net, batch 8, 128 px, 2 threads on a loaded 2-core AMD EPYC, CPU-time
-    ratios to the non-private step): dense methods ghost 1.99x with 2.0x its extra
-    memory, Opacus hooks 2.04x with 4.8x, loop 3.1x with 1.1x; RS ghost 3.2x with 2.9x,
-    Opacus hooks 2.7x with 7.4x, loop 4.0x with 1.3x. Ghost is the fastest dense
-    strategy, and for RS it trades some speed against Opacus for about 40% of its memory.
+    CPU: ``ghost`` for dense methods and ``loop`` for RS. Measured with
+    ``benchmarks/bench_dp_step.py`` (ResNet34 U-Net, batch 8, 128 px, 2 threads on a
+    2-core AMD EPYC shared with other jobs; see BENCHMARKS.md): the time ratios of the
+    strategies swapped places between runs, so memory decides. Extra memory relative to
+    the non-private step was 2.0x for dense ghost (Opacus hooks 4.8x) and, under an RS
+    mask, 1.26x for loop against 2.9x for ghost and 7.4x for Opacus hooks.
 
-    GPU: ``ghost`` for dense methods and ``opacus`` for RS, whose masked norms ghost
-    computes one example at a time while Opacus materialises them in batched kernels.
+    GPU: ``ghost`` for dense methods and ``opacus`` for RS, whose masked norms the other
+    strategies compute one example at a time while Opacus uses batched kernels.
     NOTE: the GPU rule follows that reasoning; it has not been measured here.
     """
-    if torch.device(device).type == "cuda" and sparsify:
-        return "opacus"
+    on_gpu = torch.device(device).type == "cuda"
+    if sparsify:
+        return "opacus" if on_gpu else "loop"
     return "ghost"
