@@ -3,9 +3,9 @@
 Plan of a round (:func:`plan_round`) for a site with ``n`` training images and expected
 batch size ``B`` (``batch-size``):
 
-- sample rate ``q = min(1, B / n)``; each step includes each image independently with
-  probability ``q``, so a batch may be empty (it still takes a noise-only step, which
-  the accountant counts);
+- sample rate ``q = min(1, B / n)``. Each step includes each image independently with
+  probability ``q``, so a batch may be empty. An empty batch still takes a noise-only
+  step, which the accountant counts;
 - steps per local epoch ``round(1 / q)`` (at least 1), so an epoch sees each image once
   in expectation; steps per round ``local_epochs`` times that;
 - the sum of clipped gradients is divided by the expected batch size ``q n``.
@@ -216,12 +216,14 @@ def _run_local_epochs(
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
+
     source = NoiseSource(seed=generator_seed, secure=config.secure_rng, device=device)
     if config.private and source.seeded:
         logger.info("site %d: noise drawn from a fixed seed (reproducible, not for deployment)", site)
     step = _make_step(model, config, plan, result, clip_bound=clip_bound, source=source)
     optimizer = torch.optim.SGD(params, lr=config.learning_rate, momentum=config.momentum)
     loss_sum, seen = 0.0, 0
+
     try:
         for epoch in range(config.local_epochs):
             if _sparsifies(config) and (epoch == 0 or config.rs_refresh == "epoch"):
@@ -241,6 +243,7 @@ def _run_local_epochs(
         for param in params:
             param.grad = None
         model.train(was_training)
+
     if config.private and config.method == "adaptive":
         result.max_grad_norm = step.clip_bound
     result.train_loss = loss_sum / seen if seen else float("nan")

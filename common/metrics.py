@@ -1,9 +1,9 @@
 """Segmentation loss (soft Dice + BCE) and metrics (Dice, IoU, false-positive rate).
 
 Empty-mask convention, used by every metric here: a metric of an empty predicted mask
-against an empty true mask is 1 (a negative image correctly left empty); an empty
-prediction against a non-empty mask, or a non-empty prediction against an empty mask,
-is 0. For two non-empty masks it is the usual ``2|P & T| / (|P| + |T|)`` (Dice) or
+against an empty true mask is 1, because a negative image was correctly left empty. An
+empty prediction against a non-empty mask, or a non-empty prediction against an empty
+mask, is 0. For two non-empty masks it is the usual ``2|P & T| / (|P| + |T|)`` (Dice) or
 ``|P & T| / |P | T|`` (IoU). Libraries disagree here (some return 0 or NaN for
 empty/empty); this convention makes "predict nothing on a healthy lung" count as right.
 

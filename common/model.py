@@ -160,10 +160,15 @@ def make_private_safe(model: nn.Module, *, group_norm_groups: int) -> nn.Module:
 def check_private_safe(model: nn.Module, *, image_size: int = CHECK_IMAGE_SIZE) -> None:
     """Raise ``ValueError`` unless ``model`` is safe for per-sample gradients.
 
-    Checks, in order: no BatchNorm; Opacus's ``ModuleValidator.validate`` finds nothing;
-    no module with ``inplace=True``; a forward pass on one random
-    ``image_size x image_size`` image performs no in-place operation on a tensor that
-    requires grad; and every trainable parameter receives a gradient from that pass.
+    Checks, in order:
+
+    1. no BatchNorm layer;
+    2. Opacus's ``ModuleValidator.validate`` returns no error;
+    3. no module has ``inplace=True``;
+    4. a forward pass on one random ``image_size x image_size`` image performs no
+       in-place operation on a tensor that requires grad;
+    5. every trainable parameter receives a gradient from that pass.
+
     The model's train/eval mode and its ``.grad`` fields are left as they were.
     """
     from opacus.validators import ModuleValidator

@@ -1,8 +1,8 @@
 """Per-sample clipping factors of DP-SGD and the adaptive clipping bound.
 
 Each clipping function maps the per-sample gradient norms ``||g_i||`` (of the masked
-gradient under RS) to factors ``f_i`` with ``||f_i * g_i|| <= C``, so the sum of the
-contributions has sensitivity ``C`` under adding or removing one example, and every
+gradient under RS) to factors ``f_i`` with ``||f_i * g_i|| <= C``. The sum of the
+contributions then has sensitivity ``C`` under adding or removing one example, so every
 method uses the same Gaussian mechanism and the same accountant.
 
 - flat (Abadi et al., "Deep Learning with Differential Privacy", CCS 2016):
