@@ -163,8 +163,8 @@ def check_private_safe(model: nn.Module, *, image_size: int = CHECK_IMAGE_SIZE) 
     Checks, in order:
 
     1. no BatchNorm layer;
-    2. Opacus's ``ModuleValidator.validate`` returns no error;
-    3. no module has ``inplace=True``;
+    2. no module has ``inplace=True``;
+    3. Opacus's ``ModuleValidator.validate`` returns no error;
     4. a forward pass on one random ``image_size x image_size`` image performs no
        in-place operation on a tensor that requires grad;
     5. every trainable parameter receives a gradient from that pass.
