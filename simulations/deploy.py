@@ -329,12 +329,15 @@ class ManagedProcess:
         ServerApp under a SuperLink stops as soon as the SuperLink does, not after it.
         """
         self.record_descendants()
+        running = self.popen.poll() is None
+        # Decided before any signal: the leader can exit through its descendants' SIGTERM
+        # before it gets its own (seen with the SuperLink), and that exit is still a stop.
+        self.stopped_by_launcher = running
         for process_id in self.alive():
             if process_id.pid != self.pid:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(process_id.pid, signal.SIGTERM)
-        if self.popen.poll() is None:
-            self.stopped_by_launcher = True
+        if running:
             _signal_group(self.pid, signal.SIGTERM)
             try:
                 self.popen.wait(timeout=grace)
