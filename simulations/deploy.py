@@ -333,7 +333,9 @@ class ManagedProcess:
         # Decided before any signal: the leader can exit through its descendants' SIGTERM
         # before it gets its own (seen with the SuperLink), and that exit is still a stop.
         self.stopped_by_launcher = running
-        for process_id in self.alive():
+        # No poll() until the group got its signal: an exited leader stays unreaped, so its
+        # pid, which is also the group id, cannot be reused by another process meanwhile.
+        for process_id in [p for p in self.seen if is_alive(p)]:
             if process_id.pid != self.pid:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(process_id.pid, signal.SIGTERM)
