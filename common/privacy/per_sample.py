@@ -283,10 +283,10 @@ def default_strategy(device: torch.device | str, *, sparsify: bool) -> str:
 
     CPU: ``ghost`` for dense methods and ``loop`` for RS. Measured with
     ``benchmarks/bench_dp_step.py`` (ResNet34 U-Net, batch 8, 128 px, 2 threads on a
-    2-core AMD EPYC shared with other jobs; see BENCHMARKS.md): the time ratios of the
-    strategies swapped places between runs, so memory decides. Extra memory relative to
-    the non-private step was 2.0x for dense ghost (Opacus hooks 4.8x) and, under an RS
-    mask, 1.26x for loop against 2.9x for ghost and 7.4x for Opacus hooks.
+    2-core AMD EPYC at load average 3.5; see BENCHMARKS.md), as wall time and extra memory
+    relative to the non-private step: dense ghost 1.50x and 2.1x, dense loop 1.91x and
+    1.1x; RS ghost 2.22x and 3.1x, RS loop 2.58x and 1.3x. Neither meets the time target,
+    so RS takes the strategy that keeps its memory within the non-private step's.
 
     GPU: ``ghost`` for dense methods and ``opacus`` for RS, whose masked norms the other
     strategies compute one example at a time while Opacus uses batched kernels.
