@@ -6,14 +6,15 @@ this project against that SuperLink. It is the single-machine form of a real
 deployment: every process is a separate program talking over loopback, with TLS and
 SuperNode authentication when asked for.
 
-Process hygiene, because a dead or slow process must never hang the caller:
+Every wait is bounded and every process is stopped, so a dead or slow one cannot hang
+the caller:
 
 - every port is picked free by binding ``127.0.0.1:0`` and every wait has a deadline;
 - each process runs in its own session and writes its own log in the work folder;
 - on any exit (success, error, timeout, KeyboardInterrupt, SIGTERM) every started process
-  is stopped: SIGTERM to its process group, SIGKILL after a grace period, then the same
-  for descendants that left the group (Flower starts ``flower-superexec`` with its own
-  session), and each process's exit status is logged.
+  is stopped, in the order of :data:`STOP_SERVER`'s note: SIGTERM to its process group and
+  to the descendants that left the group (Flower starts ``flower-superexec`` in a session
+  of its own), SIGKILL after a grace period, and each process's exit status is logged.
 
 Everything listens on 127.0.0.1 only.
 """
@@ -172,17 +173,17 @@ def _count_sites(num_sites, site_data, data_dir, manifest) -> int:
     return num_sites
 
 
-def _existing_dir(path: Path, what: str) -> Path:
+def _existing_dir(path: Path, description: str) -> Path:
     path = Path(path).expanduser().resolve()
     if not path.is_dir():
-        raise FileNotFoundError(f"{what} {path} not found or not a folder")
+        raise FileNotFoundError(f"{description} {path} not found or not a folder")
     return path
 
 
-def _existing_file(path: Path, what: str) -> Path:
+def _existing_file(path: Path, description: str) -> Path:
     path = Path(path).expanduser().resolve()
     if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} not found")
+        raise FileNotFoundError(f"{description} {path} not found")
     return path
 
 
@@ -359,8 +360,8 @@ class ManagedProcess:
         if code is None:
             return "still running"
         if code < 0:
-            how = "stopped" if self.stopped_by_launcher else "died"
-            return f"{how} by {signal.Signals(-code).name}"
+            verb = "stopped" if self.stopped_by_launcher else "died"
+            return f"{verb} by {signal.Signals(-code).name}"
         return f"exited {code} after SIGTERM" if self.stopped_by_launcher else f"exited {code}"
 
 
