@@ -1,4 +1,4 @@
-"""What one site does when the server calls: load its shard, train with DP-SGD, evaluate.
+"""One site's work per server message: load its shard, train with DP-SGD, evaluate.
 
 Plain functions over plain values (weights as ``{name: ndarray}``), so the federation
 logic is tested without Flower; :mod:`client.app` only unpacks and packs messages.
@@ -39,7 +39,7 @@ CLIP_BOUND_FILE = "adaptive_clip_bound.json"  # adaptive clipping's bound, carri
 
 @dataclass(frozen=True)
 class SiteSetup:
-    """Where one site's data and its own records live."""
+    """The folders of one site: its data, manifest, own records and cache."""
 
     site: int
     data_dir: Path
@@ -178,7 +178,7 @@ def train_round(
     }
     info = {fed.INFO_ACCOUNTANT: result.accountant, fed.INFO_METHOD: config.method}
     if result.refused:
-        log.warning("site %d refuses round %d: %s", setup.site, server_round, result.refused)
+        log.warning("site %d rejected round %d: %s", setup.site, server_round, result.refused)
         info.update({fed.INFO_STATUS: STATUS_REFUSED, fed.INFO_REASON: result.refused})
         metrics.update({"round_entries": 0, "steps": 0})
         return TrainReplyContent(weights=None, metrics=metrics, info=info)
@@ -241,7 +241,7 @@ def _simulation_seed(
 ) -> int | None:
     """Return a reproducible sampling/noise seed in simulation, None (OS entropy) otherwise.
 
-    Anyone who knows the seed can regenerate the noise, so only a simulation (where Flower
+    Anyone with the seed can regenerate the noise, so only a simulation (where Flower
     sets ``partition-id``) without ``secure-rng`` gets a seed derived from the run seed.
     """
     if config.secure_rng or "partition-id" not in node_config:

@@ -1,7 +1,7 @@
 """Process hygiene shared by every entry point: logging and the Flower/Ray environment.
 
 Flower and Ray write state (``FLWR_HOME``, Ray's session folders) and phone home
-(telemetry, update checks) unless told otherwise, and a SuperLink installs an app's
+(telemetry, update checks) unless configured otherwise. A SuperLink also installs an app's
 dependencies into a fresh environment per run unless that is turned off. Every entry
 point calls :func:`configure_environment` before Flower is imported.
 """

@@ -33,7 +33,7 @@ NODE_WAIT_SECONDS = 600  # how long round 1 waits for num-sites SuperNodes to co
 
 @dataclass
 class FederationResult:
-    """What a finished (or stopped) run produced."""
+    """The outcome of a finished or stopped run."""
 
     weights: dict[str, np.ndarray]
     last_round: int

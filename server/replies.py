@@ -19,7 +19,7 @@ from common.results import STATUS_FAILED, STATUS_OK, STATUS_REFUSED
 
 @dataclass
 class TrainReply:
-    """One site's answer to a train message."""
+    """One site's reply to a train message."""
 
     node_id: int
     site: int

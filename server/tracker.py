@@ -26,7 +26,7 @@ EPSILON_MATCH_RTOL = 1e-6
 
 @dataclass
 class SiteState:
-    """What the server knows about one site."""
+    """The server's record of one site: node, ledger entries, epsilons and budget state."""
 
     site: int
     node_id: int | None = None
@@ -111,7 +111,7 @@ class SiteTracker:
         return {s.node_id for s in self.sites.values() if s.exhausted and s.node_id is not None}
 
     def all_spent(self, expected_sites: int) -> bool:
-        """Whether every one of ``expected_sites`` sites has spent its budget."""
+        """Return whether every one of ``expected_sites`` sites has spent its budget."""
         spent = [s for s in self.sites.values() if s.exhausted]
         return len(spent) >= expected_sites
 

@@ -7,7 +7,7 @@ import pytest
 from common import atomic
 
 
-def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path):
+def test_failed_write_keeps_old_file(tmp_path):
     target = tmp_path / "results.json"
     atomic.write_json(target, {"round": 1})
     before = target.read_bytes()

@@ -157,7 +157,7 @@ def test_broken_site_and_stopped_server(tmp_path, synthetic_dataset):
     assert (rows[rows["site"] != 2]["status"] == STATUS_OK).all()
     for site in (0, 1):
         ledger = PrivacyLedger(run_dir / "sites" / f"site-{site}" / "privacy_ledger.json", delta=1e-5)
-        # Round 2 may have started before the stop reached the SuperLink; a site that
+        # Round 2 may have started before the stop reached the SuperLink. A site that
         # trained in it keeps that entry, so its epsilon is never under-reported.
         assert [e.server_round for e in ledger.entries] in ([1, 2, 3], [1, 2, 2, 3])
         assert ledger.epsilon() <= config.target_epsilon

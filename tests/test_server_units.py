@@ -96,7 +96,7 @@ def test_tracker_flags_under_reported_epsilon_and_reset_ledger():
     assert "no longer starts with the 2 entries" in mismatch
 
 
-def test_tracker_stops_sampling_a_site_before_it_passes_its_budget():
+def test_tracker_excludes_site_before_budget():
     from server.tracker import SiteTracker
 
     tracker = SiteTracker(delta=1e-5, target_epsilon=5.0, accountant="rdp")

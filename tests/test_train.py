@@ -62,7 +62,8 @@ def test_round_over_budget_is_rejected_untouched():
     ledger = PrivacyLedger(None, delta=1e-5, target_epsilon=0.5)
     result = train_site(model, dataset(), config(), ledger=ledger, server_round=1, site=0, generator_seed=0)
     assert result.refused is not None and "above the target epsilon 0.5" in result.refused
-    assert result.steps == 0 and result.entries == []
+    assert result.steps == 0
+    assert result.entries == []
     assert ledger.entries == ()
     assert all(torch.equal(a, b) for a, b in zip(before, weights(model)))
 
@@ -147,7 +148,9 @@ def test_private_method_needs_ledger():
 def test_non_private_round_has_no_privacy():
     model = tiny_model()
     result = train_site(model, dataset(), config(method="none"), ledger=None, server_round=1, site=0)
-    assert result.entries == [] and result.epsilon == math.inf and result.noise_multiplier == 0.0
+    assert result.entries == []
+    assert result.epsilon == math.inf
+    assert result.noise_multiplier == 0.0
     assert result.steps == 3
 
 
@@ -168,7 +171,8 @@ def test_evaluate_empty_predictor_and_restores_mode(mode):
     model.train(mode == "train")
     scores = evaluate_model(model, data, batch_size=5)
     assert model.training == (mode == "train")
-    assert scores["num_examples"] == 12 and scores["num_positive"] == 8
+    assert scores["num_examples"] == 12
+    assert scores["num_positive"] == 8
     assert scores["dice"] == pytest.approx(4 / 12)
     assert scores["dice_positive"] == 0.0
     assert scores["fpr"] == 0.0

@@ -28,7 +28,7 @@ SPARSE_METHODS = ("rs", "rs-automatic")
 
 
 def sparse_upload_applies(config: RunConfig) -> bool:
-    """Whether ``config``'s updates are zero off the round's mask (RS, per-round mask, SGD)."""
+    """Return whether ``config``'s updates are zero off the round's mask (RS, per-round mask, SGD)."""
     return config.method in SPARSE_METHODS and config.rs_refresh == "round" and config.momentum == 0
 
 
