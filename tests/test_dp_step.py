@@ -20,7 +20,7 @@ from common.privacy.clipping import (
     flat_clip_factor,
 )
 from common.privacy.noise import NoiseSource, poisson_sample
-from common.privacy.per_sample import STRATEGIES, make_strategy
+from common.privacy.per_sample import STRATEGIES, GhostStrategy, make_strategy
 from common.privacy.sparsify import (
     draw_mask,
     mask_seed,
@@ -76,23 +76,34 @@ def relative_error(got, expected) -> float:
 def clipped_sum(name, model, batch, clip, mask=None, strategy=None):
     own = strategy is None
     strategy = make_strategy(name, model, dice_bce_loss) if own else strategy
-    out = [torch.zeros_like(p) for p in strategy.params]
     try:
-        stats = strategy.clipped_sum(*batch, clip=clip, mask=mask, out=out)
+        out, stats = strategy.clipped_sum(*batch, clip=clip, mask=mask)
     finally:
         if own:
             strategy.close()
     return out, stats
 
 
-@pytest.mark.parametrize("name", STRATEGIES)
+STRATEGY_VARIANTS = [(name, None) for name in STRATEGIES] + [("ghost", 0), ("ghost", 3000)]
+
+
+@pytest.mark.parametrize(
+    "name, budget", STRATEGY_VARIANTS,
+    ids=[name if budget is None else f"{name}-budget-{budget}" for name, budget in STRATEGY_VARIANTS],
+)
 @pytest.mark.parametrize("rate", [None, 0.7])
-def test_strategy_equals_single_example_loop(name, rate, model, batch, reference):
+def test_strategy_equals_single_example_loop(name, budget, rate, model, batch, reference):
+    """Every strategy, and book-keeping with no or little memory to keep per-sample gradients."""
     mask = None
     if rate is not None:
         mask = draw_mask([p.shape for p in model.parameters()], rate=rate, generator=torch.Generator().manual_seed(3))
     clip = lambda norms: flat_clip_factor(norms, max_grad_norm=0.3)  # noqa: E731
-    out, stats = clipped_sum(name, model, batch, clip, mask)
+    strategy = None
+    if budget is not None:
+        strategy = GhostStrategy(model, dice_bce_loss, memory_budget=budget)
+    out, stats = clipped_sum(name, model, batch, clip, mask, strategy=strategy)
+    if strategy is not None:
+        strategy.close()
     per_sample = [masked(g, mask) for g in reference]
     norms = torch.stack([norm_of(g) for g in per_sample])
     factors = clip(norms)
@@ -145,16 +156,19 @@ def layer_reference(layer, inputs):
 
 
 @pytest.mark.parametrize(
-    "layer",
+    "layer, size",
     [
-        torch.nn.Conv2d(6, 5, 3, stride=2, padding=1),  # ghost norm (4 positions)
-        torch.nn.Conv2d(2, 3, 3, padding=1, dilation=1, bias=False),  # materialised
-        torch.nn.GroupNorm(2, 6),
-        torch.nn.Linear(6, 3),
+        (torch.nn.Conv2d(32, 64, 3, padding=1), 2),  # ghost norm (4 positions)
+        (torch.nn.Conv2d(2, 3, 3, padding=1, dilation=1, bias=False), 4),  # unfolded
+        (torch.nn.Conv2d(2, 4, 3, stride=2, padding=2, dilation=2), 16),  # grouped (64 positions)
+        (torch.nn.Conv2d(4, 6, 3, padding=1, groups=2), 4),  # grouped, conv groups
+        (torch.nn.GroupNorm(2, 6), 4),
+        (torch.nn.Linear(6, 3), 4),
     ],
-    ids=["conv-ghost", "conv-materialised", "groupnorm", "linear"],
+    ids=["conv-ghost", "conv-unfold", "conv-grouped", "conv-groups", "groupnorm", "linear"],
 )
-def test_layer_norms_and_weighted_sums(layer):
+def test_layer_books_and_weighted_sums(layer, size):
+    """Each layer's books (kept values or kept input and output gradient) give exact sums."""
     from common.privacy import layer_grads
 
     torch.manual_seed(0)
@@ -163,23 +177,55 @@ def test_layer_norms_and_weighted_sums(layer):
         inputs = torch.randn(3, 4, 6, dtype=torch.float64)
     else:
         channels = layer.in_channels if isinstance(layer, torch.nn.Conv2d) else 6
-        inputs = torch.randn(3, channels, 4, 4, dtype=torch.float64)
+        inputs = torch.randn(3, channels, size, size, dtype=torch.float64) + 0.5
     weights, grads = layer_reference(layer, inputs)
-    expected_sq = torch.stack([sum(g.pow(2).sum() for g in per) for per in grads])
     own = list(layer.parameters())
     factors = torch.tensor([0.5, 2.0, -1.0], dtype=torch.float64)
-    expected_sums = [sum(factors[i] * grads[i][k] for i in range(3)) for k in range(len(own))]
-    no_mask = [None] * len(own)
-    keep_all = [torch.zeros_like(p, dtype=torch.bool) for p in own]
-    workspace = torch.empty((3, *own[0].shape), dtype=torch.float64)
-    for dropped, space in ((no_mask, None), (keep_all, None), (keep_all, workspace)):
-        if space is not None and not isinstance(layer, torch.nn.Conv2d):
-            continue
-        result = layer_grads.layer_norms(layer, inputs, weights, dropped, workspace=space)
-        assert torch.allclose(result.squared, expected_sq, rtol=EXACT, atol=0)
-        summed = layer_grads.weighted_sum(layer, inputs, weights, factors, result)
-        for got, expected in zip(summed, expected_sums):
-            assert torch.allclose(got, expected, rtol=EXACT, atol=1e-12)
+    generator = torch.Generator().manual_seed(3)
+    kept = [torch.rand(p.shape, generator=generator) > 0.6 for p in own]
+    masks = [
+        layer_grads.ParamMask(dropped=~k, kept_index=torch.nonzero(k.flatten()).flatten()) for k in kept
+    ]
+    if isinstance(layer, torch.nn.Conv2d):
+        masks[0] = layer_grads.conv_mask(masks[0].dropped, masks[0].kept_index)
+        sampled = layer_grads._samples_kept_only(layer, layer(inputs), masks[0])
+        assert sampled == (size <= 4 and layer.groups == 1)  # up to 16 positions at 40% kept
+    for param_masks in ([None] * len(own), masks):
+        keep = [torch.ones_like(p, dtype=torch.bool) if m is None else ~m.dropped for p, m in zip(own, param_masks)]
+        expected_sq = torch.stack([sum((g * k).pow(2).sum() for g, k in zip(per, keep)) for per in grads])
+        expected_sums = [sum(factors[i] * grads[i][j] * keep[j] for i in range(3)) for j in range(len(own))]
+        for allowance in (0, 10**9):
+            book = layer_grads.book_layer(layer, inputs, weights, param_masks, allowance=allowance)
+            assert torch.allclose(book.squared, expected_sq, rtol=EXACT, atol=0)
+            assert (book.a is None) == all(v is not None for v in book.values)
+            ghost = param_masks[0] is None and layer_grads.ghost_is_cheaper(layer, inputs, weights)
+            assert (book.values[0] is None) == (ghost or allowance == 0)
+            out = layer_grads.weighted_sums(layer, book, factors, param_masks)
+            for got, expected in zip(out, expected_sums):
+                assert torch.allclose(got, expected, rtol=EXACT, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "conv, size",
+    [
+        (torch.nn.Conv2d(3, 4, 3, padding=1), 5),
+        (torch.nn.Conv2d(3, 4, 3, stride=2, padding=1), 7),
+        (torch.nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(2, 0), dilation=(2, 1)), 6),
+        (torch.nn.Conv2d(2, 3, 1, stride=2), 5),
+        (torch.nn.Conv2d(1, 2, 7, stride=2, padding=3), 9),
+    ],
+    ids=["3x3", "stride-2", "dilated-rectangular", "1x1-stride-2", "7x7-stride-2"],
+)
+def test_conv_ghost_norm_from_pixel_gram(conv, size):
+    from common.privacy import layer_grads
+
+    torch.manual_seed(0)
+    conv = conv.double()
+    inputs = torch.randn(3, conv.in_channels, size, size, dtype=torch.float64)
+    weights, grads = layer_reference(conv, inputs)
+    expected = torch.stack([per[0].pow(2).sum() for per in grads])
+    got = layer_grads._conv_ghost_squared_norms(conv, inputs, weights)
+    assert torch.allclose(got, expected, rtol=EXACT, atol=0)
 
 
 def test_clip_factors_edge_cases():
@@ -369,6 +415,48 @@ def test_seeded_source_is_reproducible():
     assert not torch.equal(first, NoiseSource(seed=8).normal((10,), std=1.0))
 
 
+def test_parallel_noise_fill_is_reproducible_and_independent():
+    """Large fills draw from several streams: same seed, same noise, whatever the threads."""
+    n = 1 << 21
+    draws = []
+    for threads in (1, 2):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            tensors = [torch.empty(n - 5), torch.empty(5)]
+            NoiseSource(seed=11).fill_normal_(tensors, std=2.0)
+        finally:
+            torch.set_num_threads(previous)
+        draws.append(torch.cat(tensors))
+    assert torch.equal(draws[0], draws[1])
+    added = [torch.zeros(n - 5), torch.zeros(5)]
+    NoiseSource(seed=11).add_normal_(added, std=2.0)
+    assert torch.equal(torch.cat(added), draws[0])
+    noise = draws[0].double()
+    # Relative standard error of the std over 2M samples is 1/sqrt(4M) = 0.0005.
+    assert float(noise.std()) == pytest.approx(2.0, rel=0.005)
+    chunks = noise[: (n // 4) * 4].view(4, -1)
+    correlation = torch.corrcoef(chunks)
+    off_diagonal = correlation[~torch.eye(4, dtype=torch.bool)]
+    assert float(off_diagonal.abs().max()) < 5 / math.sqrt(n // 4)
+
+
+def test_rs_noise_only_on_kept_coordinates(model):
+    """An empty RS step is pure noise: N(0, (sigma C / B)^2) on kept coordinates, 0 elsewhere."""
+    sigma, bound, expected = 1.0, 0.5, 4.0
+    mask = draw_mask([p.shape for p in model.parameters()], rate=0.6, generator=torch.Generator().manual_seed(5))
+    step = make_step(model, "rs", sigma=sigma, bound=bound, expected=expected)
+    step.set_mask(mask)
+    images = torch.zeros(0, 1, 16, 16, dtype=torch.float64)
+    step(images, images)
+    kept = torch.cat([k.flatten() for k in mask.kept])
+    noise = torch.cat([p.grad.flatten() for p in step.params])
+    step.close()
+    assert int((noise != 0).sum()) == mask.num_kept
+    assert float(noise[~kept].abs().max()) == 0.0
+    assert float(noise[kept].std()) == pytest.approx(sigma * bound / expected, rel=0.02)
+
+
 def test_poisson_sample_size():
     # Size ~ Binomial(10000, 0.01) per draw: mean 100, std ~10; the mean of 200 draws
     # has std 0.7, allow 3.
@@ -387,3 +475,65 @@ def test_default_strategy_per_device():
     assert default_strategy("cpu", sparsify=True) == "loop"
     assert default_strategy(torch.device("cuda"), sparsify=False) == "ghost"
     assert default_strategy("cuda", sparsify=True) == "opacus"
+
+
+class _TwoBranchNet(torch.nn.Module):
+    """Two layers read the input (two graph roots); one layer's output is cut off the loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.left = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.right = torch.nn.Conv2d(1, 4, 5, padding=2, bias=False)
+        self.norm = torch.nn.GroupNorm(2, 4)
+        self.cut = torch.nn.Conv2d(4, 4, 1)
+        self.head = torch.nn.Conv2d(4, 1, 3, padding=1)
+
+    def forward(self, x):
+        h = torch.relu(self.norm(self.left(x) + self.right(x)))
+        return self.head(h + self.cut(h).detach())
+
+
+def test_ghost_handles_several_roots_and_layers_off_the_loss(batch):
+    torch.manual_seed(0)
+    net = _TwoBranchNet().double()
+    images, targets = batch
+    params = list(net.parameters())
+    per_sample = []
+    for i in range(len(images)):
+        loss = dice_bce_loss(net(images[i : i + 1]), targets[i : i + 1]).sum()
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        per_sample.append([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)])
+    clip = lambda norms: flat_clip_factor(norms, max_grad_norm=0.05)  # noqa: E731
+    factors = clip(torch.stack([norm_of(g) for g in per_sample]))
+    expected = [sum(factors[i] * per_sample[i][k] for i in range(len(images))) for k in range(len(params))]
+    out, _ = clipped_sum("ghost", net, batch, clip)
+    def slot(param):
+        return [id(p) for p in params].index(id(param))
+
+    assert relative_error(out, expected) < EXACT
+    assert float(out[slot(net.cut.weight)].abs().max()) == 0.0
+    assert float(out[slot(net.right.weight)].abs().max()) > 0.0
+
+
+def test_ghost_norm_rule_and_conv_methods_follow_the_layer_shape():
+    """The ResNet34 U-Net's deep layers take ghost norms, the others the measured fastest kernel."""
+    from common.privacy import layer_grads
+
+    def conv_and_maps(channels, out_channels, side, stride=1):
+        conv = torch.nn.Conv2d(channels, out_channels, 3, stride=stride, padding=1)
+        a = torch.empty(1, channels, side, side)
+        b = torch.empty(1, out_channels, side // stride, side // stride)
+        return conv, a, b
+
+    assert layer_grads.ghost_is_cheaper(*conv_and_maps(512, 512, 4))  # layer4 at 128 px
+    assert layer_grads.ghost_is_cheaper(*conv_and_maps(256, 256, 8))  # layer3 at 128 px
+    assert not layer_grads.ghost_is_cheaper(*conv_and_maps(128, 128, 16))  # layer2 at 128 px
+    assert not layer_grads.ghost_is_cheaper(*conv_and_maps(16, 16, 128))  # last decoder block
+    conv, _, _ = conv_and_maps(256, 512, 8, stride=2)
+    assert layer_grads.conv_method(conv, 16) == "unfold"
+    conv, _, _ = conv_and_maps(128, 128, 16)
+    assert layer_grads.conv_method(conv, 256) == "grouped"
+    conv, _, _ = conv_and_maps(384, 128, 16)
+    assert layer_grads.conv_method(conv, 256) == "loop"
+    conv, _, _ = conv_and_maps(16, 16, 128)
+    assert layer_grads.conv_method(conv, 128 * 128) == "loop"

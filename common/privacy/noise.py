@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
@@ -21,6 +22,11 @@ from torch import Tensor
 
 _SECURE_SUMMANDS = 4  # normals summed per secure sample; the sum is divided by 2
 _FLOAT64_MANTISSA_BITS = 53
+# torch draws normals on one CPU thread. Large fills are split over this many generator
+# streams, drawn in parallel threads; the count is fixed so that a seed gives the same
+# noise whatever the number of threads.
+_NOISE_STREAMS = 4
+_PARALLEL_MIN_ELEMENTS = 1 << 20
 
 
 class NoiseSource:
@@ -42,6 +48,8 @@ class NoiseSource:
         self.seeded = seed is not None and not self.secure
         self.generator: torch.Generator | None = None
         self._sampling_generator: torch.Generator | None = None
+        self._streams: list[torch.Generator] = []
+        self._pool: ThreadPoolExecutor | None = None
         if not self.secure:
             if seed is None:
                 seed = int.from_bytes(os.urandom(8), "little") >> 1
@@ -51,6 +59,9 @@ class NoiseSource:
             # Sampling decisions are made on the CPU, whatever the device of the noise.
             self._sampling_generator = torch.Generator()
             self._sampling_generator.manual_seed(int(sampling_seed))
+            if self.device.type == "cpu":
+                stream_seeds = np.random.SeedSequence([int(noise_seed), 1]).generate_state(_NOISE_STREAMS)
+                self._streams = [torch.Generator().manual_seed(int(s)) for s in stream_seeds]
 
     def uniform(self, n: int) -> Tensor:
         """Return ``n`` independent uniforms in [0, 1) as float64 on the CPU."""
@@ -74,16 +85,63 @@ class NoiseSource:
         )
 
     def fill_normal_(self, tensors: Sequence[Tensor], *, std: float) -> None:
-        """Overwrite every element of ``tensors`` with independent N(0, std^2) samples.
+        """Overwrite every element of ``tensors`` with independent N(0, std^2) samples."""
+        self._draw(tensors, std=std, add=False)
 
-        Filling in place avoids allocating a fresh noise tensor of the model's size on
-        every step, which on a CPU costs about as much as drawing the samples.
+    def add_normal_(self, tensors: Sequence[Tensor], *, std: float) -> None:
+        """Add independent N(0, std^2) samples to every element of ``tensors``, in place.
+
+        The samples go through a scratch buffer the size of one chunk of the largest
+        tensor, not a second copy of all of ``tensors``.
         """
+        self._draw(tensors, std=std, add=True)
+
+    def add_normal_at_(self, tensors: Sequence[Tensor], indices: Sequence[Tensor], *, std: float) -> None:
+        """Add N(0, std^2) samples at the flat ``indices`` of each of ``tensors``, in place.
+
+        For RS: only the coordinates a mask keeps get noise, so only those are drawn.
+        """
+        counts = [int(index.numel()) for index in indices]
+        values = tensors[0].new_empty(sum(counts))
+        self.fill_normal_([values], std=std)
+        for tensor, index, part in zip(tensors, indices, values.split(counts)):
+            tensor.view(-1).index_add_(0, index, part)
+
+    def _draw(self, tensors: Sequence[Tensor], *, std: float, add: bool) -> None:
+        if self.secure or std == 0:
+            for tensor in tensors:
+                sample = self.normal(tensor.shape, std=std, dtype=tensor.dtype)
+                tensor.add_(sample) if add else tensor.copy_(sample)
+            return
+        parallel = (
+            self._streams
+            and sum(t.numel() for t in tensors) >= _PARALLEL_MIN_ELEMENTS
+            and all(t.is_contiguous() for t in tensors)
+        )
+        if not parallel:
+            for tensor in tensors:
+                _draw_chunk(tensor, std, self.generator, add)
+            return
+        parts: list[list[Tensor]] = [[] for _ in self._streams]
         for tensor in tensors:
-            if self.secure or std == 0:
-                tensor.copy_(self.normal(tensor.shape, std=std, dtype=tensor.dtype))
-            else:
-                tensor.normal_(0.0, std, generator=self.generator)
+            for k, chunk in enumerate(tensor.view(-1).tensor_split(len(self._streams))):
+                parts[k].append(chunk)
+
+        def draw(k: int) -> None:
+            for chunk in parts[k]:
+                _draw_chunk(chunk, std, self._streams[k], add)
+
+        if self._pool is None:
+            workers = max(1, min(len(self._streams), torch.get_num_threads()))
+            self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dp-noise")
+        list(self._pool.map(draw, range(len(self._streams))))
+
+
+def _draw_chunk(chunk: Tensor, std: float, generator: torch.Generator, add: bool) -> None:
+    if add:
+        chunk.add_(torch.empty_like(chunk).normal_(0.0, std, generator=generator))
+    else:
+        chunk.normal_(0.0, std, generator=generator)
 
 
 def _secure_uniform(n: int, *, open_at_zero: bool) -> np.ndarray:

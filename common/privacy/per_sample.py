@@ -39,6 +39,9 @@ ClipFn = Callable[[Tensor], Tensor]
 """Per-sample norms (float64, ``(B,)``) to clip factors of the same shape."""
 
 STRATEGIES = ("ghost", "loop", "opacus")
+KEPT_FRACTION = 1.0
+"""Default memory budget of book-keeping for kept per-sample gradients, as a fraction of
+the number of elements of all layer outputs of the batch."""
 
 
 @dataclass(frozen=True)
@@ -74,26 +77,32 @@ class PerSampleStrategy(ABC):
         *,
         clip: ClipFn,
         mask: SparsityMask | None,
-        out: Sequence[Tensor],
-    ) -> BatchStats:
-        """Add ``sum_i f_i (m * g_i)`` to ``out`` (one tensor per trainable parameter).
+    ) -> tuple[list[Tensor], BatchStats]:
+        """Return ``sum_i f_i (m * g_i)`` (one new tensor per trainable parameter) and stats.
 
         ``f = clip(norms)`` with ``norms_i = ||m * g_i||`` over all trainable parameters.
-        Masked coordinates of ``out`` are left as they were. An empty batch adds nothing.
+        Masked coordinates of the sums are 0; an empty batch gives zeros. The sums are
+        allocated once the batch's activations are freed where the strategy allows, so
+        that they do not add to the peak memory of the forward pass.
         """
+
+    def zeros(self) -> list[Tensor]:
+        """Return a zero tensor like each trainable parameter."""
+        return [torch.zeros_like(p) for p in self.params]
 
     def close(self) -> None:
         """Remove hooks this strategy installed on the model."""
 
 
 class LoopStrategy(PerSampleStrategy):
-    """One forward and backward pass per example, accumulated into ``out`` as it goes."""
+    """One forward and backward pass per example, accumulated into the sums as it goes."""
 
     name = "loop"
 
-    def clipped_sum(self, images, targets, *, clip, mask, out):
+    def clipped_sum(self, images, targets, *, clip, mask):
+        out = self.zeros()
         if images.shape[0] == 0:
-            return BatchStats.empty()
+            return out, BatchStats.empty()
         norms, losses = [], []
         for i in range(images.shape[0]):
             loss = self.loss_fn(self.model(images[i : i + 1]), targets[i : i + 1]).sum()
@@ -107,7 +116,7 @@ class LoopStrategy(PerSampleStrategy):
                     accumulator.add_(grad, alpha=float(factor[0]))
             norms.append(norm)
             losses.append(loss.detach())
-        return BatchStats(norms=torch.cat(norms).cpu(), losses=torch.stack(losses).cpu())
+        return out, BatchStats(norms=torch.cat(norms).cpu(), losses=torch.stack(losses).cpu())
 
 
 class OpacusStrategy(PerSampleStrategy):
@@ -121,12 +130,12 @@ class OpacusStrategy(PerSampleStrategy):
         super().__init__(model, loss_fn)
         self.wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum")
 
-    def clipped_sum(self, images, targets, *, clip, mask, out):
+    def clipped_sum(self, images, targets, *, clip, mask):
         if images.shape[0] == 0:
-            return BatchStats.empty()
+            return self.zeros(), BatchStats.empty()
         for p in self.params:
             # backward() also accumulates the plain batch gradient into p.grad, which may
-            # still point at the caller's output buffer from the previous step.
+            # still hold the caller's gradient from the previous step.
             p.grad = None
         losses = self.loss_fn(self.wrapped(images), targets)
         losses.sum().backward()
@@ -137,25 +146,35 @@ class OpacusStrategy(PerSampleStrategy):
                     per_sample = [mask.apply_per_sample(k, g) for k, g in enumerate(per_sample)]
                 norms = _total_norm(per_sample)
                 factors = clip(norms)
-                for accumulator, grads in zip(out, per_sample):
-                    accumulator.add_(torch.einsum("i,i...->...", factors.to(grads.dtype), grads))
+                out = [torch.einsum("i,i...->...", factors.to(g.dtype), g) for g in per_sample]
         finally:
             for p in self.params:
                 p.grad_sample = None
                 p.grad = None
-        return BatchStats(norms=norms.cpu(), losses=losses.detach().cpu())
+        return out, BatchStats(norms=norms.cpu(), losses=losses.detach().cpu())
 
     def close(self) -> None:
         self.wrapped._close()
 
 
 class GhostStrategy(PerSampleStrategy):
-    """Book-keeping: per-layer norms from activations and output gradients, one reweighted pass."""
+    """Book-keeping: per-layer norms during one backward pass, then the clipped sum per layer.
+
+    The backward pass computes only layer-output gradients (no weight gradients). A
+    hook on each layer's output books the layer as soon as its output gradient exists
+    (:func:`common.privacy.layer_grads.book_layer`): per-sample squared norms, and either
+    the per-sample gradients at the mask's kept coordinates or the layer's input and
+    output gradient. Per-sample gradients are kept while their total stays within
+    ``memory_budget`` elements (by default the number of elements of the layer outputs of
+    the batch, about what the forward pass stored for backward and frees during it), so
+    the peak memory stays near the non-private step's.
+    """
 
     name = "ghost"
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+    def __init__(self, model: nn.Module, loss_fn: LossFn, *, memory_budget: int | None = None) -> None:
         super().__init__(model, loss_fn)
+        self.memory_budget = memory_budget
         self.layers: list[nn.Module] = []
         self.param_slots: list[list[int]] = []
         index = {id(p): k for k, p in enumerate(self.params)}
@@ -175,90 +194,130 @@ class GhostStrategy(PerSampleStrategy):
             self.layers.append(module)
             self.param_slots.append([index[id(p)] for p in own])
         self._slot = {id(module): k for k, module in enumerate(self.layers)}
-        self._workspaces: dict[int, Tensor] = {}
-        self._records: list[tuple[nn.Module, Tensor, Tensor]] = []
         self._recording = False
+        self._pass: _BackwardBooks | None = None
+        self._mask_parts: tuple[SparsityMask, list] | None = None
         self._handles = [layer.register_forward_hook(self._record) for layer in self.layers]
 
     def _record(self, module: nn.Module, inputs: tuple, output: Tensor) -> None:
         if self._recording:
-            self._records.append((module, inputs[0].detach(), output))
+            self._pass.record(self._slot[id(module)], inputs[0], output)
 
-    def clipped_sum(self, images, targets, *, clip, mask, out):
+    def clipped_sum(self, images, targets, *, clip, mask):
         if images.shape[0] == 0:
-            return BatchStats.empty()
-        self._records = []
+            return self.zeros(), BatchStats.empty()
+        masks = self._masks(mask)
+        self._pass = _BackwardBooks(self.layers, masks, self.memory_budget)
         self._recording = True
         try:
             losses = self.loss_fn(self.model(images), targets)
         finally:
             self._recording = False
-        records, self._records = self._records, []
-        self._check_records(records)
-        outputs = [output for _, _, output in records]
-        backprops = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+        books, self._pass = self._pass, None
+        books.check_calls()
+        if books.roots:
+            torch.autograd.grad(losses.sum(), books.roots, allow_unused=True)
         with torch.no_grad():
-            norms, layers = self._layer_norms(records, backprops, mask)
+            norms = books.norms(images.shape[0], images.device)
             factors = clip(norms)
-            for (module, a, _), b, grads in zip(records, backprops, layers):
-                if b is None:
-                    continue
-                summed = layer_grads.weighted_sum(module, a, b, factors, grads)
-                for k, grad in zip(self.param_slots[self._slot[id(module)]], summed):
-                    if mask is not None and grads.per_sample is None:
-                        grad.masked_fill_(mask.dropped[k], 0.0)
-                    out[k].add_(grad)
-        return BatchStats(norms=norms.cpu(), losses=losses.detach().cpu())
+            out: list[Tensor | None] = [None] * len(self.params)
+            for slot, book in enumerate(books.books):
+                if book is None:
+                    continue  # the layer's output does not reach the loss
+                sums = layer_grads.weighted_sums(self.layers[slot], book, factors, masks[slot])
+                for k, summed in zip(self.param_slots[slot], sums):
+                    out[k] = summed
+                books.books[slot] = None  # free its kept gradients as soon as summed
+        out = [torch.zeros_like(p) if s is None else s for p, s in zip(self.params, out)]
+        return out, BatchStats(norms=norms.cpu(), losses=losses.detach().cpu())
 
-    def _layer_norms(self, records, backprops, mask):
-        """Return per-sample norms over all layers and each layer's :class:`LayerGrads`.
+    def _masks(self, mask: SparsityMask | None) -> list[list[layer_grads.ParamMask | None]]:
+        """Return the mask parts of every layer's parameters; None where nothing is dropped.
 
-        A convolution keeps its materialised per-sample gradients while their total size
-        stays within the size of the output gradients already held. Memory for that part
-        at most doubles, and the other materialised layers recompute their weighted sum.
+        The parts of the last mask are cached: a mask serves every step of its window.
         """
-        batch = records[0][1].shape[0]
-        budget = sum(b.numel() for b in backprops if b is not None)
-        used = 0
-        total = torch.zeros(batch, dtype=torch.float64, device=records[0][1].device)
-        layers = []
-        for (module, a, output), b in zip(records, backprops):
-            b = torch.zeros_like(output) if b is None else b
-            slots = self.param_slots[self._slot[id(module)]]
-            dropped = [None if mask is None else mask.dropped[k] for k in slots]
-            workspace = None
-            if isinstance(module, nn.Conv2d) and layer_grads.materialises(module, b, masked=mask is not None):
-                size = batch * module.weight.numel()
-                if used + size <= budget:
-                    workspace = self._workspace(module, batch)
-                    used += size
-            grads = layer_grads.layer_norms(module, a, b, dropped, workspace=workspace)
-            total += grads.squared
-            layers.append(grads)
-        return total.sqrt(), layers
-
-    def _workspace(self, module: nn.Module, batch: int) -> Tensor:
-        """Return a reused ``(batch, *weight.shape)`` buffer for ``module``'s per-sample gradients."""
-        buffer = self._workspaces.get(id(module))
-        if buffer is None or buffer.shape[0] < batch:
-            buffer = module.weight.new_empty((batch, *module.weight.shape))
-            self._workspaces[id(module)] = buffer
-        return buffer[:batch]
-
-    def _check_records(self, records: list) -> None:
-        calls: dict[int, int] = {}
-        for module, _, _ in records:
-            calls[id(module)] = calls.get(id(module), 0) + 1
-        if any(count != 1 for count in calls.values()) or len(calls) != len(self.layers):
-            raise ValueError(
-                "per-sample strategy 'ghost' needs every layer with parameters to run exactly "
-                "once per forward pass; this model reuses or skips layers; use strategy 'loop'"
-            )
+        if mask is None:
+            return [[None] * len(slots) for slots in self.param_slots]
+        if self._mask_parts is not None and self._mask_parts[0] is mask:
+            return self._mask_parts[1]
+        parts = []
+        for layer, slots in zip(self.layers, self.param_slots):
+            layer_parts = []
+            for position, k in enumerate(slots):
+                dropped, kept_index = mask.dropped[k], mask.kept_index[k]
+                if kept_index.numel() == dropped.numel():
+                    layer_parts.append(None)
+                elif isinstance(layer, nn.Conv2d) and position == 0:
+                    layer_parts.append(layer_grads.conv_mask(dropped, kept_index))
+                else:
+                    layer_parts.append(layer_grads.ParamMask(dropped=dropped, kept_index=kept_index))
+            parts.append(layer_parts)
+        self._mask_parts = (mask, parts)
+        return parts
 
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+class _BackwardBooks:
+    """One batch's layer books, filled by output-gradient hooks during the backward pass."""
+
+    def __init__(self, layers: list[nn.Module], masks: list, memory_budget: int | None) -> None:
+        self.layers = layers
+        self.masks = masks
+        self.memory_budget = memory_budget
+        self.calls = [0] * len(layers)
+        self.inputs: list[Tensor | None] = [None] * len(layers)
+        self.stats: list[tuple[Tensor, Tensor] | None] = [None] * len(layers)
+        self.books: list[layer_grads.LayerBook | None] = [None] * len(layers)
+        self.roots: list[Tensor] = []
+        self.outputs_size = 0
+        self.used = 0
+
+    def record(self, slot: int, layer_input: Tensor, output: Tensor) -> None:
+        """Note one forward call of layer ``slot`` and hook its output gradient."""
+        self.calls[slot] += 1
+        self.inputs[slot] = layer_input.detach()
+        self.stats[slot] = layer_grads.group_norm_stats(output)
+        self.outputs_size += output.numel()
+        if not output.requires_grad:
+            return
+        # A layer whose input needs no gradient starts a path of the graph; asking for the
+        # gradients of these outputs reaches every layer without computing weight gradients.
+        if not layer_input.requires_grad:
+            self.roots.append(output)
+        output.register_hook(lambda grad, slot=slot: self._book(slot, grad))
+
+    def _book(self, slot: int, grad: Tensor) -> None:
+        budget = self.memory_budget
+        if budget is None:
+            budget = int(self.outputs_size * KEPT_FRACTION)
+        with torch.no_grad():
+            book = layer_grads.book_layer(
+                self.layers[slot], self.inputs[slot], grad, self.masks[slot],
+                allowance=max(budget - self.used, 0), stats=self.stats[slot],
+            )
+        self.inputs[slot] = self.stats[slot] = None  # let the input go with the graph unless the book keeps it
+        self.used += book.stored
+        self.books[slot] = book
+
+    def check_calls(self) -> None:
+        """Raise unless every layer ran exactly once in the forward pass."""
+        if any(count != 1 for count in self.calls):
+            raise ValueError(
+                "per-sample strategy 'ghost' needs every layer with parameters to run exactly "
+                "once per forward pass; this model reuses or skips layers; use strategy 'loop'"
+            )
+
+    def norms(self, batch: int, device: torch.device) -> Tensor:
+        """Return each example's gradient norm over all layers (float64)."""
+        total = torch.zeros(batch, dtype=torch.float64, device=device)
+        for book in self.books:
+            if book is not None:
+                total += book.squared
+        return total.sqrt()
 
 
 def _total_norm(per_sample: Sequence[Tensor]) -> Tensor:

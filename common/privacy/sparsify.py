@@ -96,6 +96,8 @@ class SparsityMask:
     Attributes:
         kept: one bool tensor per parameter, in the order the mask was drawn for.
         dropped: the complements of ``kept`` (True = zeroed), derived at construction.
+        kept_index: per parameter, the flat indices (int64) of its kept coordinates,
+            derived at construction.
         rate: the sparsification rate p the mask was drawn with.
         num_zeroed: ``floor(p * d)``, the number of masked (zeroed) coordinates.
         num_coordinates: d, the total number of coordinates.
@@ -106,10 +108,14 @@ class SparsityMask:
     num_zeroed: int
     num_coordinates: int
     dropped: tuple[Tensor, ...] = field(init=False, repr=False, compare=False)
+    kept_index: tuple[Tensor, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # The complement is used on every step; computing it once saves a pass over d.
+        # Both are used on every step; computing them once saves passes over d.
         object.__setattr__(self, "dropped", tuple(~kept for kept in self.kept))
+        object.__setattr__(
+            self, "kept_index", tuple(torch.nonzero(kept.flatten()).flatten() for kept in self.kept)
+        )
 
     @property
     def num_kept(self) -> int:

@@ -118,7 +118,6 @@ class DPStep:
         )
         self.strategy: PerSampleStrategy = make_strategy(strategy, model, loss_fn)
         self.params = self.strategy.params
-        self.buffers = [torch.zeros_like(p) for p in self.params]
         self.mask: SparsityMask | None = None
 
     def set_mask(self, mask: SparsityMask | None) -> None:
@@ -144,20 +143,24 @@ class DPStep:
         if self.pieces.sparsify and self.mask is None:
             raise RuntimeError(f"method {self.method!r} needs set_mask() before its first step")
         bound = self.clip_bound
-        with torch.no_grad():
-            # The noise is drawn first and the clipped sum added onto it: the same sum
-            # as adding noise afterwards, without a second model-sized buffer.
-            self.source.fill_normal_(self.buffers, std=self.gradient_noise_multiplier * bound)
-        stats = self.strategy.clipped_sum(
-            images, targets, clip=self.clip_factors, mask=self.mask, out=self.buffers
+        scale = 1.0 / self.expected_batch_size
+        for param in self.params:
+            param.grad = None  # the last step's gradient would add to this step's peak memory
+        sums, stats = self.strategy.clipped_sum(
+            images, targets, clip=lambda norms: self.clip_factors(norms) * scale, mask=self.mask
         )
         with torch.no_grad():
-            if self.mask is not None:
-                self.mask.apply_(self.buffers)
-            for buffer in self.buffers:
-                buffer.div_(self.expected_batch_size)
-        for param, buffer in zip(self.params, self.buffers):
-            param.grad = buffer
+            # The clip factors carry the division by B, and the noise is drawn with
+            # std sigma C / B, so no pass divides the sum. Under RS only the kept
+            # coordinates get noise.
+            std = self.gradient_noise_multiplier * bound * scale
+            if self.mask is None:
+                self.source.add_normal_(sums, std=std)
+            else:
+                self.source.add_normal_at_(sums, self.mask.kept_index, std=std)
+                self.mask.apply_(sums)  # a safeguard: no strategy writes there
+        for param, grad in zip(self.params, sums):
+            param.grad = grad
         if self.pieces.clipping == "adaptive":
             fraction = self.adaptive.unclipped_fraction(
                 stats.norms, expected_batch_size=self.expected_batch_size, source=self.source
