@@ -9,7 +9,7 @@ and of this process's CPU time, and their ratios to the non-private step's media
 
 Peak memory is measured once per configuration in a fresh child process: on the CPU
 the rise of the resident set (``VmHWM``, reset before the first step) over the state
-after building the model, over two steps; on a GPU ``torch.cuda.max_memory_allocated``
+after building the model and the step object (with its RS mask), over two steps; on a GPU ``torch.cuda.max_memory_allocated``
 minus the memory allocated before the first step.
 
 Usage: ``python benchmarks/bench_dp_step.py [--quick] [--sizes 128 256] [--rounds N]``
@@ -140,6 +140,9 @@ def measure_memory_child(method: str, strategy: str, size: int, device_name: str
     images, targets = make_batch(size, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-6)
+    # The step object (and an RS mask, held for a whole refresh window) is state like
+    # the model; the peak counts what the updates themselves allocate.
+    step = build_step(Case(method, strategy), model, device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -147,7 +150,6 @@ def measure_memory_child(method: str, strategy: str, size: int, device_name: str
     else:
         Path("/proc/self/clear_refs").write_text("5")
         baseline = _proc_status_kib("VmRSS") * 1024
-    step = build_step(Case(method, strategy), model, device)
     for _ in range(2):
         timed_update(step, optimizer, images, targets, device)
     if device.type == "cuda":

@@ -472,7 +472,7 @@ def test_default_strategy_per_device():
     from common.privacy.per_sample import default_strategy
 
     assert default_strategy("cpu", sparsify=False) == "ghost"
-    assert default_strategy("cpu", sparsify=True) == "loop"
+    assert default_strategy("cpu", sparsify=True) == "ghost"
     assert default_strategy(torch.device("cuda"), sparsify=False) == "ghost"
     assert default_strategy("cuda", sparsify=True) == "opacus"
 

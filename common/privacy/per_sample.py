@@ -10,9 +10,12 @@ mask ``m`` when there is one, and compute the norms ``||m * g_i||``, the clip fa
 - ``loop``: one forward and backward pass per example, accumulated as it streams; the
   least memory, any model.
 - ``ghost``: book-keeping. One batched forward pass and one backward pass for the
-  layer-output gradients only, per-layer norms (ghost norms where cheaper, see
-  :mod:`common.privacy.layer_grads`), then one batched weight-gradient pass with the
-  output gradients reweighted by ``f_i``. Conv2d, GroupNorm and Linear layers only.
+  layer-output gradients only; each layer's per-sample norms are taken as its output
+  gradient arrives (ghost norms or per-sample gradients, see
+  :mod:`common.privacy.layer_grads`), and its clipped sum comes from kept per-sample
+  gradients or one weight-gradient pass of the output gradients reweighted by ``f_i``.
+  Conv2d, GroupNorm and Linear layers only; the fastest on the CPU, at about the
+  non-private step's memory.
 
 The per-example loss function must make example ``i``'s loss depend on example ``i``
 alone, which holds for a model without BatchNorm (see :func:`common.model.check_private_safe`).
@@ -340,18 +343,17 @@ def make_strategy(name: str, model: nn.Module, loss_fn: LossFn) -> PerSampleStra
 def default_strategy(device: torch.device | str, *, sparsify: bool) -> str:
     """Return the per-sample strategy to use on ``device`` (for an RS method if ``sparsify``).
 
-    CPU: ``ghost`` for dense methods and ``loop`` for RS. Measured with
-    ``benchmarks/bench_dp_step.py`` (ResNet34 U-Net, batch 8, 128 px, 2 threads on a
-    2-core AMD EPYC at load average 3.5; see BENCHMARKS.md), as wall time and extra memory
-    relative to the non-private step: dense ghost 1.50x and 2.1x, dense loop 1.91x and
-    1.1x; RS ghost 2.22x and 3.1x, RS loop 2.58x and 1.3x. Neither meets the time target,
-    so RS takes the strategy that keeps its memory within the non-private step's.
+    CPU: ``ghost`` for every method. Measured with ``benchmarks/bench_dp_step.py``
+    (ResNet34 U-Net, batch 8, 2 threads on a 2-core AMD EPYC; see BENCHMARKS.md), as
+    wall time relative to the non-private step at 128 / 256 px: flat ghost 1.20x /
+    1.10x, RS ghost 1.26x / 1.08x, against RS loop 2.56x / 1.18x. Ghost keeps the extra
+    memory of dense methods at the non-private step's and RS's within 1.4 times it.
 
-    GPU: ``ghost`` for dense methods and ``opacus`` for RS, whose masked norms the other
-    strategies compute one example at a time while Opacus uses batched kernels.
-    NOTE: the GPU rule follows that reasoning; it has not been measured here.
+    GPU: ``ghost`` for dense methods and ``opacus`` for RS, whose batched kernels suit a
+    GPU better than ghost's per-example and sparse kernels.
+    NOTE: the GPU rule has not been measured; no GPU was available.
     """
     on_gpu = torch.device(device).type == "cuda"
-    if sparsify:
-        return "opacus" if on_gpu else "loop"
+    if sparsify and on_gpu:
+        return "opacus"
     return "ghost"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from fractions import Fraction
 from typing import Sequence
 
@@ -96,8 +97,6 @@ class SparsityMask:
     Attributes:
         kept: one bool tensor per parameter, in the order the mask was drawn for.
         dropped: the complements of ``kept`` (True = zeroed), derived at construction.
-        kept_index: per parameter, the flat indices (int64) of its kept coordinates,
-            derived at construction.
         rate: the sparsification rate p the mask was drawn with.
         num_zeroed: ``floor(p * d)``, the number of masked (zeroed) coordinates.
         num_coordinates: d, the total number of coordinates.
@@ -108,14 +107,15 @@ class SparsityMask:
     num_zeroed: int
     num_coordinates: int
     dropped: tuple[Tensor, ...] = field(init=False, repr=False, compare=False)
-    kept_index: tuple[Tensor, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # Both are used on every step; computing them once saves passes over d.
+        # The complement is used on every step; computing it once saves a pass over d.
         object.__setattr__(self, "dropped", tuple(~kept for kept in self.kept))
-        object.__setattr__(
-            self, "kept_index", tuple(torch.nonzero(kept.flatten()).flatten() for kept in self.kept)
-        )
+
+    @cached_property
+    def kept_index(self) -> tuple[Tensor, ...]:
+        """Per parameter, the flat indices (int64, ascending) of its kept coordinates."""
+        return tuple(torch.nonzero(kept.flatten()).flatten() for kept in self.kept)
 
     @property
     def num_kept(self) -> int:

@@ -144,21 +144,23 @@ class DPStep:
             raise RuntimeError(f"method {self.method!r} needs set_mask() before its first step")
         bound = self.clip_bound
         scale = 1.0 / self.expected_batch_size
+        # A mask that zeroes nothing (the first window of the RS ramp) changes nothing.
+        mask = self.mask if self.mask is not None and self.mask.num_zeroed > 0 else None
         for param in self.params:
             param.grad = None  # the last step's gradient would add to this step's peak memory
         sums, stats = self.strategy.clipped_sum(
-            images, targets, clip=lambda norms: self.clip_factors(norms) * scale, mask=self.mask
+            images, targets, clip=lambda norms: self.clip_factors(norms) * scale, mask=mask
         )
         with torch.no_grad():
             # The clip factors carry the division by B, and the noise is drawn with
             # std sigma C / B, so no pass divides the sum. Under RS only the kept
             # coordinates get noise.
             std = self.gradient_noise_multiplier * bound * scale
-            if self.mask is None:
+            if mask is None:
                 self.source.add_normal_(sums, std=std)
             else:
-                self.source.add_normal_at_(sums, self.mask.kept_index, std=std)
-                self.mask.apply_(sums)  # a safeguard: no strategy writes there
+                self.source.add_normal_at_(sums, mask.kept_index, std=std)
+                mask.apply_(sums)  # a safeguard: no strategy writes there
         for param, grad in zip(self.params, sums):
             param.grad = grad
         if self.pieces.clipping == "adaptive":
