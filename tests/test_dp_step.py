@@ -169,7 +169,7 @@ def layer_reference(layer, inputs):
 )
 def test_layer_books_and_weighted_sums(layer, size):
     """Each layer's books (kept values or kept input and output gradient) give exact sums."""
-    from common.privacy import layer_grads
+    from common.privacy import conv_grads, layer_grads
 
     torch.manual_seed(0)
     layer = layer.double()
@@ -188,7 +188,7 @@ def test_layer_books_and_weighted_sums(layer, size):
     ]
     if isinstance(layer, torch.nn.Conv2d):
         masks[0] = layer_grads.conv_mask(masks[0].dropped, masks[0].kept_index)
-        sampled = layer_grads._samples_kept_only(layer, layer(inputs), masks[0])
+        sampled = conv_grads.sampling_pays(layer, layer(inputs), masks[0].kept_index.numel(), masks[0].dropped.numel())
         assert sampled == (size <= 4 and layer.groups == 1)  # up to 16 positions at 40% kept
     for param_masks in ([None] * len(own), masks):
         keep = [torch.ones_like(p, dtype=torch.bool) if m is None else ~m.dropped for p, m in zip(own, param_masks)]
@@ -198,7 +198,7 @@ def test_layer_books_and_weighted_sums(layer, size):
             book = layer_grads.book_layer(layer, inputs, weights, param_masks, allowance=allowance)
             assert torch.allclose(book.squared, expected_sq, rtol=EXACT, atol=0)
             assert (book.a is None) == all(v is not None for v in book.values)
-            ghost = param_masks[0] is None and layer_grads.ghost_is_cheaper(layer, inputs, weights)
+            ghost = param_masks[0] is None and conv_grads.ghost_is_cheaper(layer, inputs, weights)
             assert (book.values[0] is None) == (ghost or allowance == 0)
             out = layer_grads.weighted_sums(layer, book, factors, param_masks)
             for got, expected in zip(out, expected_sums):
@@ -217,14 +217,14 @@ def test_layer_books_and_weighted_sums(layer, size):
     ids=["3x3", "stride-2", "dilated-rectangular", "1x1-stride-2", "7x7-stride-2"],
 )
 def test_conv_ghost_norm_from_pixel_gram(conv, size):
-    from common.privacy import layer_grads
+    from common.privacy import conv_grads, layer_grads
 
     torch.manual_seed(0)
     conv = conv.double()
     inputs = torch.randn(3, conv.in_channels, size, size, dtype=torch.float64)
     weights, grads = layer_reference(conv, inputs)
     expected = torch.stack([per[0].pow(2).sum() for per in grads])
-    got = layer_grads._conv_ghost_squared_norms(conv, inputs, weights)
+    got = conv_grads.ghost_squared_norms(conv, inputs, weights)
     assert torch.allclose(got, expected, rtol=EXACT, atol=0)
 
 
@@ -415,7 +415,7 @@ def test_seeded_source_is_reproducible():
     assert not torch.equal(first, NoiseSource(seed=8).normal((10,), std=1.0))
 
 
-def test_parallel_noise_fill_is_reproducible_and_independent():
+def test_parallel_noise_streams():
     """Large fills draw from several streams: same seed, same noise, whatever the threads."""
     n = 1 << 21
     draws = []
@@ -493,7 +493,7 @@ class _TwoBranchNet(torch.nn.Module):
         return self.head(h + self.cut(h).detach())
 
 
-def test_ghost_handles_several_roots_and_layers_off_the_loss(batch):
+def test_ghost_several_roots_and_cut_layer(batch):
     torch.manual_seed(0)
     net = _TwoBranchNet().double()
     images, targets = batch
@@ -515,9 +515,9 @@ def test_ghost_handles_several_roots_and_layers_off_the_loss(batch):
     assert float(out[slot(net.right.weight)].abs().max()) > 0.0
 
 
-def test_ghost_norm_rule_and_conv_methods_follow_the_layer_shape():
+def test_conv_kernel_choice_by_shape():
     """The ResNet34 U-Net's deep layers take ghost norms, the others the measured fastest kernel."""
-    from common.privacy import layer_grads
+    from common.privacy import conv_grads, layer_grads
 
     def conv_and_maps(channels, out_channels, side, stride=1):
         conv = torch.nn.Conv2d(channels, out_channels, 3, stride=stride, padding=1)
@@ -525,15 +525,15 @@ def test_ghost_norm_rule_and_conv_methods_follow_the_layer_shape():
         b = torch.empty(1, out_channels, side // stride, side // stride)
         return conv, a, b
 
-    assert layer_grads.ghost_is_cheaper(*conv_and_maps(512, 512, 4))  # layer4 at 128 px
-    assert layer_grads.ghost_is_cheaper(*conv_and_maps(256, 256, 8))  # layer3 at 128 px
-    assert not layer_grads.ghost_is_cheaper(*conv_and_maps(128, 128, 16))  # layer2 at 128 px
-    assert not layer_grads.ghost_is_cheaper(*conv_and_maps(16, 16, 128))  # last decoder block
+    assert conv_grads.ghost_is_cheaper(*conv_and_maps(512, 512, 4))  # layer4 at 128 px
+    assert conv_grads.ghost_is_cheaper(*conv_and_maps(256, 256, 8))  # layer3 at 128 px
+    assert not conv_grads.ghost_is_cheaper(*conv_and_maps(128, 128, 16))  # layer2 at 128 px
+    assert not conv_grads.ghost_is_cheaper(*conv_and_maps(16, 16, 128))  # last decoder block
     conv, _, _ = conv_and_maps(256, 512, 8, stride=2)
-    assert layer_grads.conv_method(conv, 16) == "unfold"
+    assert conv_grads.conv_method(conv, 16) == "unfold"
     conv, _, _ = conv_and_maps(128, 128, 16)
-    assert layer_grads.conv_method(conv, 256) == "grouped"
+    assert conv_grads.conv_method(conv, 256) == "grouped"
     conv, _, _ = conv_and_maps(384, 128, 16)
-    assert layer_grads.conv_method(conv, 256) == "loop"
+    assert conv_grads.conv_method(conv, 256) == "loop"
     conv, _, _ = conv_and_maps(16, 16, 128)
-    assert layer_grads.conv_method(conv, 128 * 128) == "loop"
+    assert conv_grads.conv_method(conv, 128 * 128) == "loop"

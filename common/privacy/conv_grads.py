@@ -1,0 +1,174 @@
+"""Convolution kernels for per-sample gradients: which to use, and the kernels themselves.
+
+Per-sample weight gradients of a convolution come from one of three kernels, which
+:func:`conv_method` picks. Where :func:`ghost_is_cheaper`, their squared norms come from
+the ghost norm (:func:`ghost_squared_norms`) instead. Under an RS mask, where
+:func:`sampling_pays`, a sampled sparse product computes the kept coordinates only
+(:func:`sampled_weight`). Every choice was measured on the ResNet34 U-Net's
+layer shapes at batch 8, on a 2-core AMD EPYC (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Thresholds of conv_method and ghost_is_cheaper, from the measurements their docstrings cite.
+_UNFOLD_MAX_POSITIONS = 256
+_GROUPED_MAX_FAN_IN = 1152
+_LOOP_MIN_POSITIONS = 4096
+_GHOST_MAX_COST_FRACTION = 0.25
+
+
+def csr_pattern(dropped: Tensor, kept_index: Tensor) -> tuple[Tensor, Tensor]:
+    """Return the kept coordinates of a convolution weight as CSR (row offsets, columns).
+
+    The matrix is the weight viewed as ``(out-channels, in-channels x kernel area)``, and
+    ``kept_index`` contains the flat kept indices in ascending order.
+    """
+    out_channels = dropped.shape[0]
+    fan_in = dropped[0].numel()
+    rows = torch.zeros(out_channels + 1, dtype=torch.int64, device=kept_index.device)
+    rows[1:] = torch.bincount(kept_index // fan_in, minlength=out_channels).cumsum(0)
+    return rows, kept_index % fan_in
+
+
+def ghost_is_cheaper(
+    module: nn.Module, a: Tensor, b: Tensor, *, fraction: float = _GHOST_MAX_COST_FRACTION
+) -> bool:
+    """Return whether convolution ``module`` should take the ghost norm over materialising.
+
+    A ghost-normed layer still computes its batched weight gradient for the clipped sum.
+    A materialised one sums its per-sample gradients instead, and computing those costs
+    up to about a quarter more than the batched weight gradient (``conv_method``'s
+    measurements). So
+    the ghost norm wins when its multiply-adds, ``C P^2 + T^2 (k + p)`` per example (pixel
+    Gram matrix, its ``k`` kernel-offset blocks, the output-gradient Gram matrix), are at
+    most ``fraction`` (by default a quarter) of the weight gradient's ``T D p``. ``C``
+    in-channels, ``P`` padded input pixels, ``T`` output positions, ``k`` kernel area,
+    ``D = C k``, ``p`` out-channels.
+    """
+    if not isinstance(module, nn.Conv2d) or module.groups != 1:
+        return False
+    positions = b.shape[2] * b.shape[3]
+    pixels = (a.shape[2] + 2 * module.padding[0]) * (a.shape[3] + 2 * module.padding[1])
+    area = module.kernel_size[0] * module.kernel_size[1]
+    channels, out_channels = module.in_channels, module.out_channels
+    ghost = channels * pixels**2 + positions**2 * (area + out_channels)
+    return ghost <= fraction * positions * channels * area * out_channels
+
+
+def conv_method(module: nn.Conv2d, positions: int) -> str:
+    """Return the kernel :func:`per_sample_weight` uses for a convolution with ``positions`` outputs.
+
+    ``unfold`` (unfold + bmm) below 256 output positions. ``grouped`` (one convolution
+    with the batch as groups) below 4096 positions for up to 1152 inputs per output
+    (in-channels x kernel area). ``loop`` (one weight-gradient convolution per example)
+    otherwise. These thresholds come from timing every kernel on the ResNet34 U-Net's
+    layer shapes at 128 and 256 px, batch 8, on a 2-core AMD EPYC. Grouped kernels slow
+    down with many input channels at low resolution (17 ms against 4.3 ms unfolded for
+    256 channels at 8 x 8). Unfolding costs memory and time at high resolution. At
+    128 x 128 and above, per-example kernels beat even the batched weight gradient.
+    """
+    fan_in = (module.in_channels // module.groups) * module.kernel_size[0] * module.kernel_size[1]
+    if module.groups == 1 and positions < _UNFOLD_MAX_POSITIONS:
+        return "unfold"
+    if fan_in <= _GROUPED_MAX_FAN_IN and positions < _LOOP_MIN_POSITIONS:
+        return "grouped"
+    return "loop"
+
+
+def per_sample_weight(module: nn.Conv2d, a: Tensor, b: Tensor) -> Tensor:
+    """Return the per-sample weight gradients ``(B, *weight.shape)`` of convolution ``module``."""
+    batch = a.shape[0]
+    shape = module.weight.shape
+    method = conv_method(module, b.shape[2] * b.shape[3])
+    if method == "unfold":
+        patches = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)
+        return torch.bmm(b.flatten(2), patches.transpose(1, 2)).view(batch, *shape)
+    if method == "loop":
+        grads = module.weight.new_empty((batch, *shape))
+        for i in range(batch):
+            grads[i] = weight_grad(module, a[i : i + 1], b[i : i + 1], module.weight, module.groups)
+        return grads
+    # The weight only gives the kernel shape, so an expanded scalar serves.
+    weight = a.new_empty(()).expand(batch * shape[0], *shape[1:])
+    grads = weight_grad(
+        module, a.reshape(1, -1, *a.shape[2:]), b.reshape(1, -1, *b.shape[2:]), weight,
+        batch * module.groups,
+    )
+    return grads.view(batch, *shape)
+
+
+def weight_grad(module: nn.Conv2d, a: Tensor, b: Tensor, weight: Tensor, groups: int) -> Tensor:
+    """Return the weight gradient of ``module``'s convolution for ``weight``'s shape and ``groups``."""
+    return torch.ops.aten.convolution_backward(
+        b, a, weight, None, list(module.stride), list(module.padding), list(module.dilation),
+        False, [0, 0], groups, [False, True, False],
+    )[1]
+
+
+def sampling_pays(module: nn.Conv2d, b: Tensor, kept: int, total: int) -> bool:
+    """Return whether to compute ``kept`` of a weight's ``total`` coordinates alone, sampled.
+
+    A sampled product (SDDMM) costs ``T`` multiply-adds per kept coordinate, at roughly
+    7 G/s on the test machine's 2 cores, against the dense product's 10 G/s (4 x 4
+    positions) to 80 G/s (16 x 16) for all coordinates. Measured at batch 8 and 10% kept:
+    512 channels at 4 x 4 took 4.1 ms sampled against 28.5 ms dense, 256 at 8 x 8 2.7
+    against 4.3 ms, 128 at 16 x 16 4.8 against 3.6 ms. Sampling pays while the kept
+    fraction times the positions stays at most 8.
+    """
+    if module.groups != 1:
+        return False
+    positions = b.shape[2] * b.shape[3]
+    return kept * positions <= 8 * total
+
+
+def sampled_weight(module: nn.Conv2d, a: Tensor, b: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """Return per-sample weight gradients ``(B, kept)`` at the CSR pattern ``rows``, ``cols``.
+
+    The pattern is over the ``(out-channels, in-channels x kernel area)`` weight matrix
+    (see :func:`csr_pattern`), and one sampled batched product (SDDMM) computes them.
+    """
+    batch = a.shape[0]
+    patches = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)
+    count = cols.numel()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        pattern = torch.sparse_csr_tensor(
+            rows.expand(batch, -1), cols.expand(batch, -1), a.new_zeros(batch, count),
+            size=(batch, module.out_channels, patches.shape[1]), check_invariants=False,
+        )
+        product = torch.sparse.sampled_addmm(pattern, b.flatten(2), patches.transpose(1, 2), beta=0.0)
+    return product.values().reshape(batch, count)
+
+
+def ghost_squared_norms(module: nn.Conv2d, a: Tensor, b: Tensor) -> Tensor:
+    """Return ``<A_i^T A_i, B_i^T B_i>`` per example, with ``A_i`` the unfolded input.
+
+    The Gram matrix of the unfolded input is assembled from the Gram matrix of the
+    padded input's pixels: two patches' inner product is the sum, over kernel offsets,
+    of the inner products of the pixels at that offset. This skips unfolding (a copy
+    of kernel-area times the input) and costs ``C P^2`` multiply-adds for ``P`` padded
+    pixels instead of ``T^2 D``.
+    """
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = (
+        module.kernel_size, module.stride, module.dilation, module.padding
+    )
+    batch, _, out_h, out_w = b.shape
+    padded = F.pad(a, (pw, pw, ph, ph)).flatten(2)
+    height, width = a.shape[2] + 2 * ph, a.shape[3] + 2 * pw
+    pixels = torch.bmm(padded.transpose(1, 2), padded).view(batch, height, width, height, width)
+    gram_a = None
+    for i in range(kh):
+        rows = slice(i * dh, i * dh + sh * (out_h - 1) + 1, sh)
+        for j in range(kw):
+            cols = slice(j * dw, j * dw + sw * (out_w - 1) + 1, sw)
+            block = pixels[:, rows, cols, rows, cols]
+            gram_a = block.clone() if gram_a is None else gram_a.add_(block)
+    outputs = b.flatten(2)
+    gram_b = torch.bmm(outputs.transpose(1, 2), outputs)
+    return (gram_a.reshape_as(gram_b) * gram_b).sum((1, 2), dtype=torch.float64)
