@@ -168,9 +168,10 @@ class GhostStrategy(PerSampleStrategy):
     (:func:`common.privacy.layer_grads.book_layer`): per-sample squared norms, and either
     the per-sample gradients at the mask's kept coordinates or the layer's input and
     output gradient. Per-sample gradients are kept while their total stays within
-    ``memory_budget`` elements (by default the number of elements of the layer outputs of
-    the batch, about what the forward pass stored for backward and frees during it), so
-    the peak memory stays near the non-private step's.
+    ``memory_budget`` elements. The default budget is the number of elements of the
+    batch's layer outputs, about what the forward pass stores for backward and frees
+    during it. In the benchmark this kept the peak memory within 1.12 times the
+    non-private step's for dense methods.
     """
 
     name = "ghost"
@@ -287,7 +288,7 @@ class _BackwardBooks:
         self.outputs_size += output.numel()
         if not output.requires_grad:
             return
-        # A layer whose input needs no gradient starts a path of the graph; asking for the
+        # A layer whose input needs no gradient starts a path of the graph. Asking for the
         # gradients of these outputs reaches every layer without computing weight gradients.
         if not layer_input.requires_grad:
             self.roots.append(output)
@@ -345,9 +346,11 @@ def default_strategy(device: torch.device | str, *, sparsify: bool) -> str:
 
     CPU: ``ghost`` for every method. Measured with ``benchmarks/bench_dp_step.py``
     (ResNet34 U-Net, batch 8, 2 threads on a 2-core AMD EPYC; see BENCHMARKS.md), as
-    wall time relative to the non-private step at 128 / 256 px: flat ghost 1.20x /
-    1.10x, RS ghost 1.26x / 1.08x, against RS loop 2.56x / 1.18x. Ghost keeps the extra
-    memory of dense methods at the non-private step's and RS's within 1.4 times it.
+    median wall time relative to the non-private step over two runs: ghost 1.21x to
+    1.40x at 128 px and 1.06x to 1.15x at 256 px for every method, against 2.34x to
+    2.52x (128 px) and 1.15x to 1.24x (256 px) for ``loop`` and more for ``opacus``.
+    Ghost's extra memory is 1.06x to 1.12x the non-private step's for dense methods,
+    and up to 1.62x for RS at 128 px.
 
     GPU: ``ghost`` for dense methods and ``opacus`` for RS, whose batched kernels suit a
     GPU better than ghost's per-example and sparse kernels.
