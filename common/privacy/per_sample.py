@@ -93,6 +93,9 @@ class PerSampleStrategy(ABC):
         """Return a zero tensor like each trainable parameter."""
         return [torch.zeros_like(p) for p in self.params]
 
+    def prepare_mask(self, mask: SparsityMask | None) -> None:
+        """Build what this strategy needs of ``mask`` once, before the steps that use it."""
+
     def close(self) -> None:
         """Remove hooks this strategy installed on the model."""
 
@@ -235,6 +238,10 @@ class GhostStrategy(PerSampleStrategy):
         out = [torch.zeros_like(p) if s is None else s for p, s in zip(self.params, out)]
         return out, BatchStats(norms=norms.cpu(), losses=losses.detach().cpu())
 
+    def prepare_mask(self, mask: SparsityMask | None) -> None:
+        self._mask_parts = None  # let the previous window's mask go
+        self._masks(mask)
+
     def _masks(self, mask: SparsityMask | None) -> list[list[layer_grads.ParamMask | None]]:
         """Return the mask parts of every layer's parameters; None where nothing is dropped.
 
@@ -350,7 +357,7 @@ def default_strategy(device: torch.device | str, *, sparsify: bool) -> str:
     1.40x at 128 px and 1.06x to 1.15x at 256 px for every method, against 2.34x to
     2.52x (128 px) and 1.15x to 1.24x (256 px) for ``loop`` and more for ``opacus``.
     Ghost's extra memory is 1.06x to 1.12x the non-private step's for dense methods,
-    and up to 1.62x for RS at 128 px.
+    and up to 1.43x for RS at 128 px.
 
     GPU: ``ghost`` for dense methods and ``opacus`` for RS, whose batched kernels suit a
     GPU better than ghost's per-example and sparse kernels.

@@ -119,6 +119,8 @@ class DPStep:
         self.strategy: PerSampleStrategy = make_strategy(strategy, model, loss_fn)
         self.params = self.strategy.params
         self.mask: SparsityMask | None = None
+        self._active_mask: SparsityMask | None = None
+        self._kept_index: tuple[Tensor, ...] = ()
 
     def set_mask(self, mask: SparsityMask | None) -> None:
         """Use ``mask`` for the following steps (RS methods), or none."""
@@ -126,7 +128,14 @@ class DPStep:
             raise ValueError(f"method {self.method!r} does not sparsify; it takes no mask")
         if mask is not None and len(mask.kept) != len(self.params):
             raise ValueError(f"mask covers {len(mask.kept)} parameters, the model has {len(self.params)}")
+        # A mask that zeroes nothing (the first window of the RS ramp) changes nothing.
         self.mask = mask
+        self._active_mask = mask if mask is not None and mask.num_zeroed > 0 else None
+        if self._active_mask is not None:
+            # The kept indices and the strategy's view of them live as long as the mask,
+            # so they are built here, outside the steps' peak memory.
+            self._kept_index = self._active_mask.kept_index
+            self.strategy.prepare_mask(self._active_mask)
 
     @property
     def clip_bound(self) -> float:
@@ -144,8 +153,7 @@ class DPStep:
             raise RuntimeError(f"method {self.method!r} needs set_mask() before its first step")
         bound = self.clip_bound
         scale = 1.0 / self.expected_batch_size
-        # A mask that zeroes nothing (the first window of the RS ramp) changes nothing.
-        mask = self.mask if self.mask is not None and self.mask.num_zeroed > 0 else None
+        mask = self._active_mask
         for param in self.params:
             param.grad = None  # the last step's gradient would add to this step's peak memory
         sums, stats = self.strategy.clipped_sum(
@@ -159,7 +167,7 @@ class DPStep:
             if mask is None:
                 self.source.add_normal_(sums, std=std)
             else:
-                self.source.add_normal_at_(sums, mask.kept_index, std=std)
+                self.source.add_normal_at_(sums, self._kept_index, std=std)
                 mask.apply_(sums)  # a safeguard: no strategy writes there
         for param, grad in zip(self.params, sums):
             param.grad = grad
