@@ -296,6 +296,23 @@ def make_step(model, method, *, sigma=1.0, bound=1.0, expected=4.0, seed=0, stra
     )
 
 
+def test_rs_at_rate_zero_equals_flat(model, batch):
+    """A mask that zeroes nothing (the ramp's first window) gives flat clipping's gradient."""
+    mask = draw_mask([p.shape for p in model.parameters()], rate=0.0, generator=torch.Generator().manual_seed(2))
+    assert mask.num_zeroed == 0
+    results = []
+    for method in ("flat", "rs"):
+        step = make_step(model, method, bound=0.3, seed=5)
+        if method == "rs":
+            step.set_mask(mask)
+        step(*batch)
+        results.append([p.grad.clone() for p in step.params])
+        step.close()
+    flat_grads, rs_grads = results
+    for rs_grad, flat_grad in zip(rs_grads, flat_grads):
+        assert torch.equal(rs_grad, flat_grad)
+
+
 @pytest.mark.parametrize("method", ["rs", "rs-automatic"])
 def test_rs_step_masked_coordinates_carry_nothing(method, model, batch, reference):
     step = make_step(model, method)
