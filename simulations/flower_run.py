@@ -78,7 +78,13 @@ def run_federated(
     Blocks until the run ends, logs each round's summary line, and raises RuntimeError
     with the tail of Flower's output when the run fails or does not complete.
     """
-    configure_environment()
+    flwr_home = configure_environment()["FLWR_HOME"]
+    stale = stop_local_superlink(only_stale=True)
+    if stale:
+        log.warning(
+            "stopped %d local SuperLink process(es) whose files under %s had been deleted; "
+            "`flwr run` starts a new one", stale, flwr_home,
+        )
     env = dict(os.environ)
     # `flwr run` launches `flower-superlink` by name: put this environment's scripts first.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -199,13 +205,17 @@ def _strip_ansi(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
-def stop_local_superlink() -> int:
+def stop_local_superlink(*, only_stale: bool = False) -> int:
     """Stop the background SuperLink that ``flwr run`` started for this project's FLWR_HOME.
 
-    Returns the number of processes signalled. Other users' SuperLinks are left alone.
+    With ``only_stale``, stop it only if files it has open under FLWR_HOME were deleted,
+    as when the checkout was removed and cloned again while the SuperLink kept running.
+    Such a SuperLink still accepts runs but never finishes them. Waits up to 10 s for the
+    processes to exit and returns how many were signalled. Other users' SuperLinks are
+    left alone.
     """
     flwr_home = configure_environment()["FLWR_HOME"]
-    stopped = 0
+    signalled = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -214,7 +224,31 @@ def stop_local_superlink() -> int:
             environ = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if "flower-superlink" in cmdline and f"FLWR_HOME={flwr_home}".encode() in environ:
-            os.kill(int(proc.name), signal.SIGTERM)
-            stopped += 1
-    return stopped
+        if "flower-superlink" not in cmdline or f"FLWR_HOME={flwr_home}".encode() not in environ:
+            continue
+        if only_stale and not _holds_deleted_files(proc, flwr_home):
+            continue
+        os.kill(int(proc.name), signal.SIGTERM)
+        signalled.append(proc)
+    deadline = time.monotonic() + 10
+    while any(_running(proc) for proc in signalled) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return len(signalled)
+
+
+def _running(proc: Path) -> bool:
+    """Return whether process ``proc`` (a /proc entry) exists and is not a zombie."""
+    try:
+        stat = (proc / "stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _holds_deleted_files(proc: Path, folder: str) -> bool:
+    """Return whether process ``proc`` (a /proc entry) has a deleted file under ``folder`` open."""
+    try:
+        targets = [os.readlink(fd) for fd in (proc / "fd").iterdir()]
+    except OSError:
+        return False
+    return any(target.startswith(folder) and target.endswith(" (deleted)") for target in targets)

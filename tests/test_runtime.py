@@ -75,3 +75,39 @@ def test_cli_help_lists_every_subcommand():
     assert result.returncode == 0
     for name in ("data", "sites", "privacy", "compare", "report", "deploy"):
         assert f"    {name} " in result.stdout, result.stdout
+
+
+def test_stale_local_superlink_stopped():
+    """A SuperLink stand-in whose open file under FLWR_HOME was deleted is stopped; a live one is not."""
+    import os
+    import time
+
+    from common.runtime import configure_environment
+    from simulations.flower_run import stop_local_superlink
+
+    flwr_home = configure_environment()["FLWR_HOME"]
+    os.makedirs(flwr_home, exist_ok=True)
+    # The process name carries "flower-superlink" as the real one's command line does.
+    code = "import sys, time; handle = open(sys.argv[1], 'w'); time.sleep(60)"
+    env = {**os.environ, "FLWR_HOME": flwr_home}
+    processes, files = [], []
+    for name in ("stale", "live"):
+        state = os.path.join(flwr_home, f"test-{name}-{os.getpid()}.db")
+        files.append(state)
+        processes.append(subprocess.Popen([sys.executable, "-c", code, state, "flower-superlink"], env=env))
+    try:
+        deadline = time.monotonic() + 10
+        while not all(os.path.exists(f) for f in files) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # let both processes reach their sleep with the file open
+        os.unlink(files[0])
+        assert stop_local_superlink(only_stale=True) == 1
+        assert processes[0].wait(timeout=10) == -15
+        assert processes[1].poll() is None
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+        for state in files:
+            if os.path.exists(state):
+                os.unlink(state)
