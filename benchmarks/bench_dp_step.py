@@ -140,8 +140,8 @@ def measure_memory_child(method: str, strategy: str, size: int, device_name: str
     images, targets = make_batch(size, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-6)
-    # The step object (and an RS mask, held for a whole refresh window) is state like
-    # the model; the peak counts what the updates themselves allocate.
+    # The step object and its RS mask last a whole refresh window, like the model, so
+    # the peak counts only what the updates themselves allocate.
     step = build_step(Case(method, strategy), model, device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

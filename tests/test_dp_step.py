@@ -189,7 +189,8 @@ def test_layer_books_and_weighted_sums(layer, size):
     if isinstance(layer, torch.nn.Conv2d):
         masks[0] = layer_grads.conv_mask(masks[0].dropped, masks[0].kept_index)
         sampled = conv_grads.sampling_pays(layer, layer(inputs), masks[0].kept_index.numel(), masks[0].dropped.numel())
-        assert sampled == (size <= 4 and layer.groups == 1)  # up to 16 positions at 40% kept
+        expected_sampled = size <= 4 and layer.groups == 1  # up to 16 positions at 40% kept
+        assert sampled == expected_sampled
     for param_masks in ([None] * len(own), masks):
         keep = [torch.ones_like(p, dtype=torch.bool) if m is None else ~m.dropped for p, m in zip(own, param_masks)]
         expected_sq = torch.stack([sum((g * k).pow(2).sum() for g, k in zip(per, keep)) for per in grads])

@@ -149,30 +149,33 @@ def test_torchvision_encoder_weights_load(tmp_path):
     assert torch.equal(model.decoder.blocks[0].conv1[0].weight, decoder_before)
 
 
-def test_unexpected_key_is_named(tmp_path):
-    state = dict(tiny_unet().state_dict())
+def _add_unexpected_key(state):
     state["decoder.extra.weight"] = torch.zeros(3)
-    path = tmp_path / "bad.pt"
-    torch.save(state, path)
-    with pytest.raises(ValueError, match="unexpected keys \\['decoder.extra.weight'\\]"):
-        load_init_weights(tiny_unet(), path)
 
 
-def test_shape_mismatch_is_named(tmp_path):
-    state = dict(tiny_unet().state_dict())
+def _change_head_shape(state):
     state["segmentation_head.0.weight"] = torch.zeros(2, 8, 3, 3)
+
+
+def _drop_decoder_key(state):
+    del state["decoder.blocks.0.conv1.0.weight"]
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_add_unexpected_key, "unexpected keys \\['decoder.extra.weight'\\]"),
+        (_change_head_shape, "segmentation_head.0.weight \\(2, 8, 3, 3\\) vs \\(1, 8, 3, 3\\)"),
+        (_drop_decoder_key, "lack 1 keys.*decoder.blocks.0.conv1.0.weight"),
+    ],
+    ids=["unexpected-key", "shape-mismatch", "missing-key"],
+)
+def test_mismatched_state_dict_is_named(tmp_path, edit, message):
+    state = dict(tiny_unet().state_dict())
+    edit(state)
     path = tmp_path / "bad.pt"
     torch.save(state, path)
-    with pytest.raises(ValueError, match="segmentation_head.0.weight \\(2, 8, 3, 3\\) vs \\(1, 8, 3, 3\\)"):
-        load_init_weights(tiny_unet(), path)
-
-
-def test_missing_keys_are_listed(tmp_path):
-    state = dict(tiny_unet().state_dict())
-    del state["decoder.blocks.0.conv1.0.weight"]
-    path = tmp_path / "partial.pt"
-    torch.save(state, path)
-    with pytest.raises(ValueError, match="lack 1 keys.*decoder.blocks.0.conv1.0.weight"):
+    with pytest.raises(ValueError, match=message):
         load_init_weights(tiny_unet(), path)
 
 

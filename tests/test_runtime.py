@@ -78,7 +78,7 @@ def test_cli_help_lists_every_subcommand():
 
 
 def test_stale_local_superlink_stopped():
-    """A SuperLink stand-in whose open file under FLWR_HOME was deleted is stopped; a live one is not."""
+    """A SuperLink stand-in with a deleted open file under FLWR_HOME is stopped, a live one is not."""
     import os
     import time
 

@@ -150,7 +150,7 @@ def _kept_values(
     ):
         values = [conv_grads.sampled_weight(module, a, b, mask.rows, mask.cols)]
         if module.bias is not None:
-            values.append(_flat_values(b.flatten(2).sum(2), masks[1]))
+            values.append(_flat_values(_conv_bias_grads(b), masks[1]))
         return values
     grads = per_sample_grads(module, a, b, stats=stats)
     return [_flat_values(grad, mask) for grad, mask in zip(grads, masks)]
@@ -160,7 +160,7 @@ def _ghost_book(module: nn.Conv2d, a: Tensor, b: Tensor, masks: Sequence[ParamMa
     squared = conv_grads.ghost_squared_norms(module, a, b)
     values: list[Tensor | None] = [None]
     if module.bias is not None:
-        bias = _flat_values(b.flatten(2).sum(2), masks[1])
+        bias = _flat_values(_conv_bias_grads(b), masks[1])
         squared += _squared_norms(bias)
         values.append(bias)
     return LayerBook(squared=squared, values=values, a=a, b=b)
@@ -199,7 +199,7 @@ def per_sample_grads(
     if isinstance(module, nn.Conv2d):
         grads = [conv_grads.per_sample_weight(module, a, b)]
         if module.bias is not None:
-            grads.append(b.flatten(2).sum(2))
+            grads.append(_conv_bias_grads(b))
         return grads
     if isinstance(module, nn.GroupNorm):
         return _group_norm_per_sample(module, a, b, stats)
@@ -259,6 +259,11 @@ def _group_norm_per_sample(
     bias = flat_b.sum(2)
     weight = rstd * (torch.einsum("ncx,ncx->nc", flat_a, flat_b) - mean * bias)
     return [weight, bias]
+
+
+def _conv_bias_grads(b: Tensor) -> Tensor:
+    """Return a convolution's per-sample bias gradients ``(B, out-channels)``."""
+    return b.flatten(2).sum(2)
 
 
 def _flat_values(grads: Tensor, mask: ParamMask | None) -> Tensor:

@@ -22,9 +22,9 @@ from torch import Tensor
 
 _SECURE_SUMMANDS = 4  # normals summed per secure sample; the sum is divided by 2
 _FLOAT64_MANTISSA_BITS = 53
-# torch draws normals on one CPU thread. Large fills are split over this many generator
-# streams, drawn in parallel threads; the count is fixed so that a seed gives the same
-# noise whatever the number of threads.
+# torch draws normals on one CPU thread, so large fills are split over this many
+# generator streams drawn in parallel threads. The count is fixed so that a seed gives
+# the same noise whatever the number of threads.
 _NOISE_STREAMS = 4
 _PARALLEL_MIN_ELEMENTS = 1 << 20
 
@@ -91,8 +91,8 @@ class NoiseSource:
     def add_normal_(self, tensors: Sequence[Tensor], *, std: float) -> None:
         """Add independent N(0, std^2) samples to every element of ``tensors``, in place.
 
-        The samples go through a scratch buffer the size of one chunk of the largest
-        tensor, not a second copy of all of ``tensors``.
+        Samples are drawn into a temporary the size of one tensor (or one chunk of it on
+        the parallel path) at a time, so no second copy of all of ``tensors`` is allocated.
         """
         self._draw(tensors, std=std, add=True)
 

@@ -42,9 +42,6 @@ ClipFn = Callable[[Tensor], Tensor]
 """Per-sample norms (float64, ``(B,)``) to clip factors of the same shape."""
 
 STRATEGIES = ("ghost", "loop", "opacus")
-KEPT_FRACTION = 1.0
-"""Default memory budget of book-keeping for kept per-sample gradients, as a fraction of
-the number of elements of all layer outputs of the batch."""
 
 
 @dataclass(frozen=True)
@@ -302,9 +299,7 @@ class _BackwardBooks:
         output.register_hook(lambda grad, slot=slot: self._book(slot, grad))
 
     def _book(self, slot: int, grad: Tensor) -> None:
-        budget = self.memory_budget
-        if budget is None:
-            budget = int(self.outputs_size * KEPT_FRACTION)
+        budget = self.outputs_size if self.memory_budget is None else self.memory_budget
         with torch.no_grad():
             book = layer_grads.book_layer(
                 self.layers[slot], self.inputs[slot], grad, self.masks[slot],

@@ -168,7 +168,7 @@ class DPStep:
                 self.source.add_normal_(sums, std=std)
             else:
                 self.source.add_normal_at_(sums, self._kept_index, std=std)
-                mask.apply_(sums)  # a safeguard: no strategy writes there
+                mask.apply_(sums)  # a safeguard, since no strategy writes to masked coordinates
         for param, grad in zip(self.params, sums):
             param.grad = grad
         if self.pieces.clipping == "adaptive":
