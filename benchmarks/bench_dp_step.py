@@ -7,10 +7,12 @@ step. All configurations run interleaved in one process, round after round, so l
 from other processes hits them alike. The table gives medians over rounds of wall time
 and of this process's CPU time, and their ratios to the non-private step's medians.
 
-Peak memory is measured once per configuration in a fresh child process: on the CPU
-the rise of the resident set (``VmHWM``, reset before the first step) over the state
-after building the model and the step object (with its RS mask), over two steps; on a GPU ``torch.cuda.max_memory_allocated``
-minus the memory allocated before the first step.
+Peak memory is measured once per configuration in a fresh child process, above the
+state after building the model and the step object (with its RS mask). "extra MiB": on
+the CPU the rise of the resident set (``VmHWM``, reset before the first step) over two
+steps; on a GPU ``torch.cuda.max_memory_allocated`` minus the memory allocated before
+the first step. "tensor MiB": the peak of live tensor memory during a third step, from
+the profiler's allocation events (on a GPU the same as "extra MiB").
 
 Usage: ``python benchmarks/bench_dp_step.py [--quick] [--sizes 128 256] [--rounds N]``
 """
@@ -154,9 +156,34 @@ def measure_memory_child(method: str, strategy: str, size: int, device_name: str
         timed_update(step, optimizer, images, targets, device)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
-    else:
-        peak = _proc_status_kib("VmHWM") * 1024
-    return {"extra_mib": (peak - baseline) / 2**20}
+        return {"extra_mib": (peak - baseline) / 2**20, "tensor_mib": (peak - baseline) / 2**20}
+    peak = _proc_status_kib("VmHWM") * 1024
+    return {"extra_mib": (peak - baseline) / 2**20, "tensor_mib": _tensor_peak_mib(step, optimizer, images, targets)}
+
+
+def _tensor_peak_mib(step, optimizer, images, targets) -> float:
+    """Return the peak of live tensor memory (MiB) during one CPU update, above its start.
+
+    The resident set also holds memory that the C allocator keeps after tensors are
+    freed (glibc's heap), so it depends on the order of allocations as well as on
+    what the step needs at once. The profiler's allocation events count tensors alone.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    for param in step.params:
+        param.grad = None  # start from the state before a step, as the first update did
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        timed_update(step, optimizer, images, targets, torch.device("cpu"))
+    events = sorted(
+        (event.start_ns(), event.nbytes())
+        for event in prof.profiler.kineto_results.events()
+        if event.name() == "[memory]"
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak / 2**20
 
 
 def _proc_status_kib(field: str) -> int:
@@ -166,13 +193,13 @@ def _proc_status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
-def memory_of(case: Case, size: int, device: torch.device) -> float:
+def memory_of(case: Case, size: int, device: torch.device) -> dict[str, float]:
     command = [
         sys.executable, __file__, "--memory-child", case.method, case.strategy or "-",
         str(size), str(device),
     ]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(output.strip().splitlines()[-1])["extra_mib"]
+    return json.loads(output.strip().splitlines()[-1])
 
 
 def environment_lines(device: torch.device) -> list[str]:
@@ -205,26 +232,32 @@ def run(cases: list[Case], sizes: list[int], rounds: int, devices: list[torch.de
         print("\n".join(environment_lines(device)))
         for size in sizes:
             times = time_cases(cases, size, rounds, device)
-            extra = {case.label: memory_of(case, size, device) if memory else float("nan") for case in cases}
+            nothing = {"extra_mib": float("nan"), "tensor_mib": float("nan")}
+            extra = {case.label: memory_of(case, size, device) if memory else nothing for case in cases}
             print(f"\n{device.type} {size}x{size}, batch {BATCH}, {rounds} interleaved rounds, "
                   f"load average after: {os.getloadavg()[0]:.2f}")
             print(_table(cases, times, extra))
 
 
-def _table(cases: list[Case], times: dict[str, list[tuple[float, float]]], extra: dict[str, float]) -> str:
+def _table(
+    cases: list[Case], times: dict[str, list[tuple[float, float]]], extra: dict[str, dict[str, float]]
+) -> str:
     """Format medians of wall and CPU time, their ratios to ``none``, and extra memory."""
     def median(label: str, column: int) -> float:
         return statistics.median(t[column] for t in times[label])
 
+    def memory(label: str, key: str) -> str:
+        return f"{extra[label][key]:>11.0f}{extra[label][key] / extra['none'][key]:>7.2f}"
+
     lines = [f"{'case':<20}{'wall s':>9}{'ratio':>7}{'cpu s':>9}{'ratio':>7}{'min wall':>10}"
-             f"{'extra MiB':>11}{'ratio':>7}"]
+             f"{'extra MiB':>11}{'ratio':>7}{'tensor MiB':>11}{'ratio':>7}"]
     for case in cases:
         label = case.label
         lines.append(
             f"{label:<20}{median(label, 0):>9.3f}{median(label, 0) / median('none', 0):>7.2f}"
             f"{median(label, 1):>9.3f}{median(label, 1) / median('none', 1):>7.2f}"
             f"{min(t[0] for t in times[label]):>10.3f}"
-            f"{extra[label]:>11.0f}{extra[label] / extra['none']:>7.2f}"
+            + memory(label, "extra_mib") + memory(label, "tensor_mib")
         )
     return "\n".join(lines)
 

@@ -229,6 +229,28 @@ def test_conv_ghost_norm_from_pixel_gram(conv, size):
     assert torch.allclose(got, expected, rtol=EXACT, atol=0)
 
 
+def test_sampled_weight_keeps_only_its_values():
+    """RS's sampled product gives the kept per-sample gradients and frees its column indices.
+
+    The sparse result's int64 column indices take twice the values' memory. A view of its
+    values would keep them alive for the whole backward pass.
+    """
+    from common.privacy import conv_grads, layer_grads
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1, bias=False).double()
+    a = torch.randn(3, 4, 4, 4, dtype=torch.float64)
+    b = torch.randn(3, 6, 4, 4, dtype=torch.float64)
+    kept = torch.rand(conv.weight.shape, generator=torch.Generator().manual_seed(1)) > 0.7
+    mask = layer_grads.conv_mask(~kept, torch.nonzero(kept.flatten()).flatten())
+    values = conv_grads.sampled_weight(conv, a, b, mask.rows, mask.cols)
+    dense = layer_grads.per_sample_grads(conv, a, b)[0].reshape(3, -1)[:, mask.kept_index]
+    assert values.shape == (3, int(kept.sum()))
+    assert torch.allclose(values, dense, rtol=EXACT, atol=1e-12)
+    assert values._base is None
+    assert values.untyped_storage().nbytes() == values.numel() * values.element_size()
+
+
 def test_clip_factors_edge_cases():
     norms = torch.tensor([0.0, 0.5, 2.0], dtype=torch.float64)
     assert flat_clip_factor(norms, max_grad_norm=1.0).tolist() == [1.0, 1.0, 0.5]

@@ -143,7 +143,9 @@ def sampled_weight(module: nn.Conv2d, a: Tensor, b: Tensor, rows: Tensor, cols: 
             size=(batch, module.out_channels, patches.shape[1]), check_invariants=False,
         )
         product = torch.sparse.sampled_addmm(pattern, b.flatten(2), patches.transpose(1, 2), beta=0.0)
-    return product.values().reshape(batch, count)
+    # values() is a view whose base is the whole sparse result, int64 column indices
+    # included (twice the values' size); a copy lets them go.
+    return product.values().reshape(batch, count).clone()
 
 
 def ghost_squared_norms(module: nn.Conv2d, a: Tensor, b: Tensor) -> Tensor:
