@@ -31,7 +31,7 @@ from common.privacy.accounting import calibrate_noise_multiplier
 from common.privacy.clipping import AdaptiveClipBound, adaptive_noise_multiplier
 from common.privacy.ledger import LedgerEntry, PrivacyLedger
 from common.privacy.noise import NoiseSource, poisson_sample
-from common.privacy.per_sample import default_strategy
+from common.privacy.choose import choose_strategy
 from common.privacy.sparsify import draw_mask, mask_seed, rs_num_windows, rs_rate, rs_window
 from common.privacy.step import METHOD_PIECES, DPStep, NonPrivateStep
 
@@ -136,7 +136,8 @@ def train_site(
             one from the OS. A known seed lets anyone regenerate the noise, so a fixed
             seed is for reproducible simulations only.
         strategy: per-sample gradient strategy; None chooses per device
-            (:func:`common.privacy.per_sample.default_strategy`).
+            (:func:`common.privacy.choose.choose_strategy`: the measured default on the
+            CPU, the fastest candidate timed on this model on a GPU).
         max_grad_norm: starting clipping bound, overriding ``max-grad-norm`` (to carry
             an adaptive bound from one round to the next).
 
@@ -152,13 +153,12 @@ def train_site(
     entries = _round_entries(config, plan, sigma, server_round)
     clip_bound = config.max_grad_norm if max_grad_norm is None else float(max_grad_norm)
     device = torch.device(device)
-    strategy = strategy or default_strategy(device, sparsify=_sparsifies(config))
     result = TrainResult(
         num_examples=num_examples, train_loss=float("nan"), steps=0, entries=[],
         epsilon=math.inf, accountant=config.accountant, refused=None, noise_multiplier=sigma,
         sample_rate=plan.sample_rate, seconds=0.0, upload_coordinates=0,
         max_grad_norm=clip_bound if config.private else 0.0,
-        strategy=strategy if config.private else "",
+        strategy=(strategy or "") if config.private else "",
     )
     if config.private:
         if config.method == "adaptive":
@@ -172,6 +172,8 @@ def train_site(
             return result
 
     model.to(device)
+    if config.private and not result.strategy:
+        result.strategy = _choose_strategy(model, config, plan, device)
     _run_local_epochs(model, dataset, config, plan, result, clip_bound=clip_bound,
                       ledger=ledger, server_round=server_round, site=site, device=device,
                       generator_seed=generator_seed)
@@ -192,6 +194,16 @@ def _round_entries(config: RunConfig, plan: RoundPlan, sigma: float, server_roun
             server_round=server_round, method=config.method,
         )
     ]
+
+
+def _choose_strategy(model: nn.Module, config: RunConfig, plan: RoundPlan, device: torch.device) -> str:
+    first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    return choose_strategy(
+        model, dice_bce_loss, device=device,
+        batch_size=max(1, round(plan.expected_batch_size)),
+        input_shape=(first_conv.in_channels, config.image_size, config.image_size),
+        mask_rate=config.rs_final_rate if _sparsifies(config) else None,
+    )
 
 
 def _sparsifies(config: RunConfig) -> bool:

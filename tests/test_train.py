@@ -65,6 +65,7 @@ def test_round_over_budget_is_rejected_untouched():
     assert result.steps == 0
     assert result.entries == []
     assert ledger.entries == ()
+    assert result.strategy == ""  # a rejected round does not time strategies
     assert all(torch.equal(a, b) for a, b in zip(before, weights(model)))
 
 
@@ -84,6 +85,7 @@ def test_round_records_entries_after_training():
     assert not all(torch.equal(a, b) for a, b in zip(before, weights(model)))
     assert result.upload_coordinates == result.num_coordinates == sum(p.numel() for p in model.parameters())
     assert math.isfinite(result.train_loss)
+    assert result.strategy == "ghost"  # the CPU's measured default, taken without timing
 
 
 def test_calibrated_sigma_uses_all_planned_steps():
@@ -152,6 +154,7 @@ def test_non_private_round_has_no_privacy():
     assert result.epsilon == math.inf
     assert result.noise_multiplier == 0.0
     assert result.steps == 3
+    assert result.strategy == ""
 
 
 class ConstantLogits(torch.nn.Module):

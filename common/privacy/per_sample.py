@@ -24,6 +24,7 @@ alone, which holds for a model without BatchNorm (see :func:`common.model.check_
 from __future__ import annotations
 
 import logging
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -141,7 +142,11 @@ class OpacusStrategy(PerSampleStrategy):
             # still hold the caller's gradient from the previous step.
             p.grad = None
         losses = self.loss_fn(self.wrapped(images), targets)
-        losses.sum().backward()
+        with warnings.catch_warnings():
+            # Opacus's hooks fire on the layer outputs; that the images need no gradient
+            # changes nothing here.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            losses.sum().backward()
         try:
             with torch.no_grad():
                 per_sample = [p.grad_sample for p in self.params]
@@ -344,19 +349,18 @@ def make_strategy(name: str, model: nn.Module, loss_fn: LossFn) -> PerSampleStra
 
 
 def default_strategy(device: torch.device | str, *, sparsify: bool) -> str:
-    """Return the per-sample strategy to use on ``device`` (for an RS method if ``sparsify``).
+    """Return the per-sample strategy to use on ``device`` without timing (RS method if ``sparsify``).
 
     CPU: ``ghost`` for every method. Measured with ``benchmarks/bench_dp_step.py``
     (ResNet34 U-Net, batch 8, 2 threads on a 2-core AMD EPYC; see BENCHMARKS.md), as
-    median wall time relative to the non-private step over two runs: ghost 1.21x to
+    median wall time relative to the non-private step over three runs: ghost 1.21x to
     1.40x at 128 px and 1.06x to 1.15x at 256 px for every method, against 2.34x to
     2.52x (128 px) and 1.15x to 1.24x (256 px) for ``loop`` and more for ``opacus``.
-    Ghost's extra memory is 1.06x to 1.12x the non-private step's for dense methods,
-    and up to 1.43x for RS at 128 px.
+    Ghost's peak of live tensor memory is at or below the non-private step's.
 
-    GPU: ``ghost`` for dense methods and ``opacus`` for RS, whose batched kernels suit a
-    GPU better than ghost's per-example and sparse kernels.
-    NOTE: the GPU rule has not been measured; no GPU was available.
+    GPU: :func:`common.privacy.choose.choose_strategy` times the candidates on the
+    model instead. Without timing, ``ghost`` for dense methods and ``opacus`` for RS,
+    whose batched kernels suit a GPU better than ghost's per-example and sparse kernels.
     """
     on_gpu = torch.device(device).type == "cuda"
     if sparsify and on_gpu:
