@@ -139,15 +139,22 @@ def parse_pairs(items: list[str], option: str) -> dict[str, str]:
 
 
 def print_plan(spec) -> None:
-    """Print one line per planned run with what running the command would do to it."""
-    from simulations.compare import plan_runs, resume_action
+    """Print one line per planned run with what running the command would do to it.
+
+    "reject" marks a run whose saved state the command would refuse, with the reason
+    on the next line.
+    """
+    from simulations.compare import plan_runs, rerun_problem, resume_action
 
     plan = plan_runs(spec)
     print(f"{len(plan)} runs in {spec.outputs} (data: {spec.data_dir}):")
     for run in plan:
         eps = "" if run.sweep_epsilon is None else f" target epsilon {run.sweep_epsilon:g}"
-        action = resume_action(run.folder(spec.outputs))
+        problem = rerun_problem(spec, run)
+        action = "reject" if problem else resume_action(run.folder(spec.outputs))
         print(f"  {action:<6} {run.label()}{eps}")
+        if problem:
+            print(f"         {problem}")
 
 
 def _site_options(items: list[str]) -> dict[str, object]:

@@ -257,6 +257,57 @@ def _same_value(saved: Any, wanted: Any) -> bool:
     return str(saved) == str(wanted)
 
 
+def manifest_path(spec: CompareSpec, setup: str, seed: int) -> Path:
+    """Return where the sites manifest of ``setup`` and ``seed`` lives."""
+    return Path(spec.outputs) / MANIFEST_DIR / f"{setup}-seed{seed}.csv"
+
+
+def check_saved_manifest(spec: CompareSpec, setup: str, seed: int) -> bool:
+    """Return whether the manifest of ``setup`` and ``seed`` exists and suits ``spec``.
+
+    Raises ValueError when it exists but was made with other partition settings or
+    from another dataset.
+    """
+    from common.sites import read_manifest_sidecar
+
+    path = manifest_path(spec, setup, seed)
+    if not path.is_file():
+        return False
+    sidecar = read_manifest_sidecar(path) or {}
+    saved = sidecar.get("settings") or {}
+    wanted = json.loads(json.dumps(spec.site_settings(setup, seed).to_dict()))
+    if saved != wanted:
+        changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+        details = "; ".join(f"{k}: saved {saved.get(k)!r}, requested {wanted.get(k)!r}" for k in changed)
+        raise ValueError(
+            f"manifest {path} was made with other partition settings ({details}); "
+            "choose another --out folder or delete it"
+        )
+    source = sidecar.get("source")
+    if source and not _same_path(source, spec.data_dir):
+        raise ValueError(
+            f"manifest {path} was made from the dataset {source}, not {spec.data_dir}; "
+            "choose another --out folder for another dataset"
+        )
+    return True
+
+
+def rerun_problem(spec: CompareSpec, run: PlannedRun) -> str | None:
+    """Return why running the comparison would reject ``run``'s saved state, or None.
+
+    The same checks as :func:`run_comparison`, without writing anything: the saved
+    manifest's partition settings and dataset, and a saved run's settings.
+    """
+    try:
+        check_saved_manifest(spec, run.setup, run.seed)
+        folder = run.folder(spec.outputs)
+        if resume_action(folder) != START:
+            check_saved_config(folder, run_config_for(spec, run, manifest_path(spec, run.setup, run.seed)))
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 class ManifestBuilder:
     """Write, or reuse, the sites manifest ``manifests/<setup>-seed<k>.csv`` of a setup and seed.
 
@@ -270,28 +321,12 @@ class ManifestBuilder:
         self._frames: dict[Path, Any] = {}
 
     def __call__(self, spec: CompareSpec, setup: str, seed: int) -> Path:
-        from common.sites import partition_records, read_manifest_sidecar, write_manifest
+        from common.sites import partition_records, write_manifest
 
-        path = Path(spec.outputs) / MANIFEST_DIR / f"{setup}-seed{seed}.csv"
-        settings = spec.site_settings(setup, seed)
-        if path.is_file():
-            sidecar = read_manifest_sidecar(path) or {}
-            saved = sidecar.get("settings")
-            wanted = json.loads(json.dumps(settings.to_dict()))
-            if saved != wanted:
-                changed = sorted(k for k in set(saved or {}) | set(wanted) if (saved or {}).get(k) != wanted.get(k))
-                details = "; ".join(f"{k}: saved {(saved or {}).get(k)!r}, requested {wanted.get(k)!r}" for k in changed)
-                raise ValueError(
-                    f"manifest {path} was made with other partition settings ({details}); "
-                    "choose another --out folder or delete it"
-                )
-            source = sidecar.get("source")
-            if source and not _same_path(source, spec.data_dir):
-                raise ValueError(
-                    f"manifest {path} was made from the dataset {source}, not {spec.data_dir}; "
-                    "choose another --out folder for another dataset"
-                )
+        path = manifest_path(spec, setup, seed)
+        if check_saved_manifest(spec, setup, seed):
             return path
+        settings = spec.site_settings(setup, seed)
         frame = self._records(Path(spec.data_dir))
         files = write_manifest(partition_records(frame, settings, source=str(spec.data_dir)),
                                path, source=str(spec.data_dir))

@@ -315,17 +315,30 @@ def test_comparison_rejects_changed_settings(tmp_path):
         compare.run_comparison(changed, prepare_manifest=_manifest_stub, runner=_SchemaRunner())
 
 
-def test_dry_run_lists_actions(tmp_path, capsys):
+def dry_run_lines(tmp_path, capsys, *, saved_sites: int) -> list[str]:
+    """Save a finished RS run made with ``saved_sites`` sites, then dry-run the demo on it."""
     from simulations.cli import main
 
-    write_run(tmp_path / "out", "rs")
+    write_run(tmp_path / "out", "rs", sites=saved_sites)
     data = tmp_path / "data"
     data.mkdir()
     status = main(["compare", "--data", str(data), "--out", str(tmp_path / "out"), "--dry-run"])
     assert status == 0
-    lines = capsys.readouterr().out.splitlines()
+    return capsys.readouterr().out.splitlines()
+
+
+def test_dry_run_lists_actions(tmp_path, capsys):
+    lines = dry_run_lines(tmp_path, capsys, saved_sites=3)
     assert lines[1].split() == ["skip", "rs_training/iid-seed0"]
     assert lines[2].split() == ["start", "automatic_clipping/iid-seed0"]
+
+
+def test_dry_run_shows_rejected_runs(tmp_path, capsys):
+    """A saved run with other settings is listed as the real command would treat it."""
+    lines = dry_run_lines(tmp_path, capsys, saved_sites=2)
+    assert lines[1].split() == ["reject", "rs_training/iid-seed0"]
+    assert "made with other settings (num-sites: saved 2, requested 3)" in lines[2]
+    assert lines[3].split() == ["start", "automatic_clipping/iid-seed0"]
 
 
 def test_no_arguments_mean_demo(tmp_path, monkeypatch):
