@@ -74,6 +74,14 @@ def save_torch(path: str | os.PathLike, obj: Any) -> None:
 
 
 def _umask() -> int:
+    # Linux reports the umask in /proc; setting it to read it back would, for a moment,
+    # give files that other threads create mode 0666.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -1,6 +1,7 @@
 """Atomic writes: the old file or the new one, never half of one."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +27,25 @@ def test_written_files_get_umask_permissions(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.skipif(
+    "Umask:" not in (Path("/proc/self/status").read_text() if Path("/proc/self/status").exists() else ""),
+    reason="this kernel does not report the umask in /proc/self/status",
+)
+def test_umask_read_without_setting_it(tmp_path, monkeypatch):
+    """Setting the umask to read it would give other threads' new files mode 0666."""
+    old = os.umask(0o027)
+    try:
+        def no_set(mask):
+            raise AssertionError(f"os.umask({mask:o}) called")
+
+        monkeypatch.setattr(os, "umask", no_set)
+        atomic.write_text(tmp_path / "a.txt", "x")
+        monkeypatch.undo()
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o640
 
 
 def test_atomic_open_rejects_read_modes(tmp_path):
