@@ -112,7 +112,7 @@ def timed_update(step, optimizer, images, targets, device: torch.device) -> tupl
 def time_cases(
     cases: list[Case], size: int, rounds: int, device: torch.device
 ) -> dict[str, list[tuple[float, float]]]:
-    """Time every case ``rounds`` times, interleaved, after one warm-up step each."""
+    """Time every case ``rounds`` times, interleaved in a rotating order, after one warm-up step each."""
     torch.manual_seed(0)
     base = build_unet().to(device)
     images, targets = make_batch(size, device)
@@ -126,8 +126,12 @@ def time_cases(
     times: dict[str, list[tuple[float, float]]] = {case.label: [] for case in cases}
     for step, optimizer in updates.values():
         timed_update(step, optimizer, images, targets, device)
-    for _ in range(rounds):
-        for label, (step, optimizer) in updates.items():
+    order = list(updates.items())
+    for round_index in range(rounds):
+        # Each round starts one case later, so that no case always runs right after the
+        # same other case (the first one after `none` measured slower in wall time).
+        shift = round_index % len(order)
+        for label, (step, optimizer) in order[shift:] + order[:shift]:
             times[label].append(timed_update(step, optimizer, images, targets, device))
     for step, _ in updates.values():
         step.close()
@@ -164,7 +168,7 @@ def measure_memory_child(method: str, strategy: str, size: int, device_name: str
 def _tensor_peak_mib(step, optimizer, images, targets) -> float:
     """Return the peak of live tensor memory (MiB) during one CPU update, above its start.
 
-    The resident set also holds memory that the C allocator keeps after tensors are
+    The resident set also counts memory that the C allocator keeps after tensors are
     freed (glibc's heap), so it depends on the order of allocations as well as on
     what the step needs at once. The profiler's allocation events count tensors alone.
     """

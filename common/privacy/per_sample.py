@@ -175,8 +175,8 @@ class GhostStrategy(PerSampleStrategy):
     output gradient. Per-sample gradients are kept while their total stays within
     ``memory_budget`` elements. The default budget is the number of elements of the
     batch's layer outputs, about what the forward pass stores for backward and frees
-    during it. In the benchmark this kept the peak memory within 1.12 times the
-    non-private step's for dense methods.
+    during it. In the benchmark the peak of live tensor memory stayed at 0.96 times
+    the non-private step's for every method.
     """
 
     name = "ghost"
@@ -353,10 +353,10 @@ def default_strategy(device: torch.device | str, *, sparsify: bool) -> str:
 
     CPU: ``ghost`` for every method. Measured with ``benchmarks/bench_dp_step.py``
     (ResNet34 U-Net, batch 8, 2 threads on a 2-core AMD EPYC; see BENCHMARKS.md), as
-    median wall time relative to the non-private step over three runs: ghost 1.21x to
-    1.40x at 128 px and 1.06x to 1.15x at 256 px for every method, against 2.34x to
-    2.52x (128 px) and 1.15x to 1.24x (256 px) for ``loop`` and more for ``opacus``.
-    Ghost's peak of live tensor memory is at or below the non-private step's.
+    median wall time relative to the non-private step: ghost 1.19x to 1.30x at 128 px
+    and 1.03x to 1.12x at 256 px for every method, against 2.43x to 2.64x (128 px) and
+    1.17x to 1.25x (256 px) for ``loop`` and more for ``opacus``. Ghost's peak of live
+    tensor memory is 0.96x the non-private step's.
 
     GPU: :func:`common.privacy.choose.choose_strategy` times the candidates on the
     model instead. Without timing, ``ghost`` for dense methods and ``opacus`` for RS,
