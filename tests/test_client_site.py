@@ -121,3 +121,24 @@ def test_site_refuses_round_past_budget(tmp_path, site_data):
     assert "0.5" in reply.info[fed.INFO_REASON]
     ledger = PrivacyLedger(resolve_site(config, {"partition-id": 0}).ledger_path, delta=config.delta)
     assert ledger.entries == ()
+
+
+def test_each_message_model_is_a_fresh_copy(tmp_path, site_data):
+    """Messages start from copies of one checked U-Net, each loaded with the given weights."""
+    from client.site import _model_with, _unet_template
+
+    config = _config(tmp_path, site_data)
+    start = _initial(config)
+    first = _model_with(config, start)
+    with torch.no_grad():
+        for param in first.parameters():
+            param.add_(1.0)  # training one message's model
+    second = _model_with(config, start)
+    template = _unet_template(config.encoder, config.group_norm_groups)
+
+    for name, value in second.state_dict().items():
+        assert torch.equal(value, torch.from_numpy(start[name]))
+    shared = {p.data_ptr() for p in template.parameters()}
+    assert not shared & {p.data_ptr() for p in first.parameters()}
+    assert not shared & {p.data_ptr() for p in second.parameters()}
+    assert _unet_template(config.encoder, config.group_norm_groups) is template
