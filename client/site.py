@@ -266,8 +266,8 @@ def _model_with(config: RunConfig, weights: Mapping[str, np.ndarray]) -> torch.n
 
 @functools.lru_cache(maxsize=2)
 def _unet_template(encoder: str, group_norm_groups: int) -> torch.nn.Module:
-    # Building and checking a ResNet34 U-Net takes about 0.4 s after the first; each
-    # message copies this checked one instead, then loads the server's weights into it.
+    # Building and checking a ResNet34 U-Net takes about 0.4 s after the first. Each
+    # message copies this checked one and loads the server's weights into the copy.
     return build_unet(encoder=encoder, group_norm_groups=group_norm_groups)
 
 
