@@ -9,6 +9,10 @@ round's expected batch size and image size, and keeps the fastest for the proces
 Timing uses a copy of the model and random images and targets, never a site's data, so
 the choice reveals nothing about the data. All strategies compute the same clipped sum
 (see :mod:`common.privacy.per_sample`), so the choice changes speed and memory only.
+
+NOTE: the timing has run only on the CPU. The book-keeping kernels' CUDA paths
+(grouped and sampled sparse products, GroupNorm statistics read back from autograd)
+have not run on a GPU, and their exactness tests run on the CPU.
 """
 
 from __future__ import annotations
