@@ -8,6 +8,8 @@ an error names the key, the value received and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
@@ -75,6 +77,11 @@ class RunConfig:
         _check_range("ac-gamma", self.ac_gamma, low=0.0)
         _check_range("rs-final-rate", self.rs_final_rate, low=0.0, high=1.0, high_open=True)
         _check_range("adaptive-target-quantile", self.adaptive_target_quantile, low=0.0, high=1.0)
+        _check_range("adaptive-clip-lr", self.adaptive_clip_lr, low=0.0)
+        _check_range("adaptive-count-noise", self.adaptive_count_noise, low=0.0, low_open=True)
+        _check_range("seed", self.seed, low=0)
+        _check_range("round-timeout", self.round_timeout, low=1)
+        _check_encoder(self.encoder)
         _check_range("group-norm-groups", self.group_norm_groups, low=1)
         _check_range("image-size", self.image_size, low=32)
         if self.image_size % 32:
@@ -143,6 +150,22 @@ def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
 
 
+def _check_encoder(name: str) -> None:
+    if name not in _encoder_names():
+        raise ValueError(
+            f"encoder must be a segmentation-models-pytorch encoder name, got {name!r}; "
+            "for example resnet18 or resnet34 (list them with "
+            "segmentation_models_pytorch.encoders.get_encoder_names())"
+        )
+
+
+@functools.lru_cache(maxsize=1)
+def _encoder_names() -> frozenset[str]:
+    from segmentation_models_pytorch.encoders import get_encoder_names
+
+    return frozenset(get_encoder_names())
+
+
 def _check_range(
     key: str,
     value: float,
@@ -152,10 +175,12 @@ def _check_range(
     low_open: bool = False,
     high_open: bool = False,
 ) -> None:
+    # NaN fails every comparison, so it is rejected on its own: a NaN noise multiplier
+    # used to pass here and reach the sites and the accountant.
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
-    if too_low or too_high:
-        left = "(" if low_open else "["
-        right = ")" if high_open else "]"
+    if not math.isfinite(value) or too_low or too_high:
+        left = "(" if low_open or low is None else "["
+        right = ")" if high_open or high is None else "]"
         bounds = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
         raise ValueError(f"{key} must lie in {bounds}; got {value!r}")

@@ -81,6 +81,7 @@ def run_federation(
             break
         _learn_sites(grid, config, nodes, node_sites)
         train = _train_round(grid, config, server_round, weights, sampled, node_sites)
+        _check_some_site_answered(train, server_round, folder, last_round)
         _track_privacy(tracker, train, server_round)
         accepted = [r for r in train if r.status == STATUS_OK]
         if accepted:
@@ -109,6 +110,26 @@ def run_federation(
         last_round, stop_reason, tracker.max_epsilon(), config.accountant, config.delta,
     )
     return FederationResult(weights, last_round, stop_reason, tracker.max_epsilon())
+
+
+def _check_some_site_answered(
+    train: list[TrainReply], server_round: int, folder: RunFolder, last_round: int
+) -> None:
+    """Stop the run, marked unfinished, when every sampled site failed this round.
+
+    A round in which no site trained or refused changes nothing. Going on would
+    finish a run that never trained (and report epsilon 0); a site's error (bad data,
+    a bad setting) usually repeats every round.
+    """
+    if any(reply.status != STATUS_FAILED for reply in train):
+        return
+    reason = f"every sampled site failed in round {server_round}"
+    folder.write_status(complete=False, last_round=last_round, stop_reason=reason)
+    details = "; ".join(f"site {r.site}: {r.reason}" for r in train[:3])
+    raise RuntimeError(
+        f"{reason} ({details}); fix the cause, then rerun with resume to continue from "
+        f"round {last_round}"
+    )
 
 
 def _wait_for_nodes(grid: Any, minimum: int) -> list[int]:

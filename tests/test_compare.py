@@ -198,7 +198,7 @@ def test_cli_spec_merges_preset_and_overrides(tmp_path):
         (["-c", "seed=3"], "set per run by the comparison; use --seeds"),
         (["-c", "learnign-rate=0.1"], "unknown run setting 'learnign-rate'"),
         (["-c", "rounds"], "-c expects KEY=VALUE, got 'rounds'"),
-        (["-c", "batch-size=0"], r"batch-size must lie in \[1, inf\]; got 0"),
+        (["-c", "batch-size=0"], r"batch-size must lie in \[1, inf\); got 0"),
     ],
 )
 def test_cli_rejects_bad_overrides(tmp_path, argv, message):

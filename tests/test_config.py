@@ -25,6 +25,15 @@ def test_run_config_coerces_flower_strings():
         ({"local-epochs": "1.5"}, "expects a int"),
         ({"learnign-rate": 0.1}, "unknown run-config key 'learnign-rate'"),
         ({"method": "flat", "noise-multiplier": 0.0}, "gives no privacy"),
+        ({"noise-multiplier": "nan"}, r"noise-multiplier must lie in \[0.0, inf\); got nan"),
+        ({"max-grad-norm": "inf"}, r"max-grad-norm must lie in \(0.0, inf\); got inf"),
+        ({"target-epsilon": "nan"}, "target-epsilon must lie in"),
+        ({"learning-rate": "nan"}, "learning-rate must lie in"),
+        ({"delta": "nan"}, "delta must lie in"),
+        ({"adaptive-count-noise": 0.0}, "adaptive-count-noise must lie in"),
+        ({"adaptive-clip-lr": "nan"}, "adaptive-clip-lr must lie in"),
+        ({"seed": -1}, r"seed must lie in \[0, inf\); got -1"),
+        ({"encoder": "resnet999"}, "encoder must be a segmentation-models-pytorch encoder name, got 'resnet999'"),
     ],
 )
 def test_run_config_rejects_bad_values(overrides, message):

@@ -164,3 +164,24 @@ def test_broken_site_and_stopped_server(tmp_path, synthetic_dataset):
         last = rows[(rows["site"] == site) & (rows["server_round"] == 3)].iloc[0]
         assert float(last["epsilon"]) == pytest.approx(ledger.epsilon(), rel=1e-9)
         assert float(last["epsilon_server"]) == pytest.approx(ledger.epsilon(), rel=1e-9)
+
+
+def test_run_stops_when_every_site_fails(tmp_path, synthetic_dataset):
+    """A round with no site trained ends the run unfinished, with the sites' reasons."""
+    from simulations.flower_run import run_federated
+
+    data, manifest = synthetic_dataset
+    broken = pd.read_csv(manifest)
+    broken.loc[broken["split"] == "train", "split"] = "val"
+    broken_manifest = tmp_path / "no-train.csv"
+    broken.to_csv(broken_manifest, index=False)
+    config = _config(tmp_path, data, broken_manifest, num_server_rounds=2)
+
+    with pytest.raises(RuntimeError, match="did not complete") as raised:
+        run_federated(config, num_sites=NUM_SITES)
+    assert "every sampled site failed in round 1" in str(raised.value)
+    assert "has no training images" in str(raised.value)
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status == {
+        "complete": False, "last_round": 0, "stop_reason": "every sampled site failed in round 1",
+    }

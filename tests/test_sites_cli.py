@@ -60,7 +60,7 @@ def test_cli_no_plot(records_csv, tmp_path):
         (["--setup", "iid", "--sites", "2", "--split", "0.7,0.3"], "--split must be three numbers train,val,test"),
         (["--setup", "iid", "--sites", "2", "--split", "a,b,c"], "--split must be three numbers"),
         (["--setup", "iid", "--sites", "2", "--split", "0.7,0.2,0.2"], "split ratios must sum to 1"),
-        (["--setup", "iid", "--sites", "0"], r"sites must lie in \[1, inf\]; got 0"),
+        (["--setup", "iid", "--sites", "0"], r"sites must lie in \[1, inf\); got 0"),
         (["--setup", "iid", "--sites", "2", "--holdout", "1.5"], "holdout must lie in"),
         (["--setup", "iid", "--sites", "2", "--batch-size", "0"], "batch-size must lie in"),
         (["--setup", "iid"], "needs the number of sites"),

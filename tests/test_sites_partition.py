@@ -455,10 +455,10 @@ def test_settings_accept_numpy_numbers():
     [
         ({"setup": "random"}, "setup must be one of"),
         ({"setup": "iid"}, "needs the number of sites"),
-        ({"setup": "iid", "num_sites": 0}, r"sites must lie in \[1, inf\]; got 0"),
+        ({"setup": "iid", "num_sites": 0}, r"sites must lie in \[1, inf\); got 0"),
         ({"setup": "iid", "num_sites": 2.5}, "sites must be an integer; got 2.5"),
-        ({"setup": "iid", "num_sites": 2, "seed": -1}, r"seed must lie in \[0, inf\]; got -1"),
-        ({"setup": "label-skew", "num_sites": 2, "alpha": 0.0}, r"alpha must lie in \(0.0, inf\]; got 0.0"),
+        ({"setup": "iid", "num_sites": 2, "seed": -1}, r"seed must lie in \[0, inf\); got -1"),
+        ({"setup": "label-skew", "num_sites": 2, "alpha": 0.0}, r"alpha must lie in \(0.0, inf\); got 0.0"),
         ({"setup": "label-skew", "num_sites": 2, "alpha": math.inf}, "alpha must be a finite number"),
         ({"setup": "attribute", "num_sites": 2}, "needs --attribute"),
         ({"setup": "attribute", "num_sites": 2, "attribute": "Sex"}, "attribute must be one of"),
