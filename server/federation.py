@@ -143,7 +143,10 @@ def _wait_for_nodes(grid: Any, minimum: int) -> list[int]:
                 f"only {len(nodes)} of {minimum} sites connected within {NODE_WAIT_SECONDS} s; "
                 "check that every SuperNode is running and reaches the SuperLink"
             )
-        log.info("waiting for sites: %d of %d connected", len(nodes), minimum)
+        log.info(
+            "waiting for sites: %d of %d connected (one SuperNode per site; in simulation "
+            "Flower's num-supernodes must be at least num-sites)", len(nodes), minimum,
+        )
         time.sleep(2)
 
 
