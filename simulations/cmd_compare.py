@@ -76,14 +76,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from simulations.cmd_report import print_report
     from simulations.compare import run_comparison
 
     spec = build_spec(args)
     if args.dry_run:
         print_plan(spec)
         return 0
-    for path in run_comparison(spec):
-        print(path)
+    print_report(run_comparison(spec))
     return 0
 
 

@@ -33,6 +33,18 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(
             f"results folder {args.out} not found; pass the --out folder of `dpfedseg compare`"
         )
-    for path in write_report(args.out):
-        print(path)
+    print_report(write_report(args.out))
     return 0
+
+
+def print_report(written: list[Path]) -> None:
+    """Print the summary table and claims of ``summary.md``, then every file written."""
+    from simulations.summary import SUMMARY_MD
+
+    for path in written:
+        if path.name == SUMMARY_MD:
+            text = path.read_text(encoding="utf-8")
+            print(text.split("## Figures")[0].rstrip() + "\n")
+    print("files written:")
+    for path in written:
+        print(f"  {path}")

@@ -321,3 +321,23 @@ def test_summary_csv_round_trips_sites(tmp_path):
     assert site_columns == ["epsilon_site_0", "epsilon_site_1", "epsilon_site_2"]
     assert np.allclose(table[site_columns].iloc[0].to_numpy(dtype=float), [3.0, 6.0, 9.0])
     assert json.loads(json.dumps(table.to_dict("records"), default=str))
+
+
+def test_report_command_prints_summary(tmp_path, capsys):
+    """`dpfedseg report` (and `compare` after its runs) prints the table and claims, then the files."""
+    from simulations.cli import main
+
+    write_run(tmp_path, "rs")
+    write_run(tmp_path, "automatic")
+    assert main(["report", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    folder = tmp_path / summary.COMPARISON_DIR
+    assert lines[0] == "# RS vs AC comparison: summary"
+    assert lines[2].startswith("| method | setup | seeds | val Dice | test Dice |")
+    assert lines[4].startswith("| RS (random sparsification) | iid | 1 | 0.505 (n=1) |")
+    assert '### "RS gives stronger privacy than AC": refuted' in lines
+    assert "## Figures" not in lines
+    written = lines[lines.index("files written:") + 1 :]
+    assert f"  {folder / summary.SUMMARY_MD}" in written
+    assert f"  {folder / summary.SUMMARY_CSV}" in written
+    assert len(written) == 7  # five figures, the CSV and the Markdown summary
