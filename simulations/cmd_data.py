@@ -82,10 +82,7 @@ def _register_inspect(commands: argparse._SubParsersAction) -> None:
 def _run_synth(args: argparse.Namespace) -> int:
     from common.data.synth import random_site_styles, synthesize
 
-    if args.site_styles and args.sites < 1:
-        raise ValueError("--site-styles needs --sites K with K >= 1")
-    if args.sites < 0:
-        raise ValueError(f"--sites must be >= 0; got {args.sites}")
+    _check_synth_arguments(args)
     styles = random_site_styles(args.sites, seed=args.seed) if args.site_styles else None
     if args.sites and not args.site_styles:
         from common.style import AcquisitionStyle
@@ -100,20 +97,49 @@ def _run_synth(args: argparse.Namespace) -> int:
         positive_rate=args.positive_rate,
     )
     print(
-        f"wrote {summary.images} images ({summary.positives} positive, {summary.boxes} boxes, "
-        f"{summary.image_size} px) to {summary.out_dir} in {summary.seconds:.1f} s "
+        f"wrote {_count(summary.images, 'image')} ({summary.positives} positive, "
+        f"{_count(summary.boxes, 'box', 'boxes')}, {summary.image_size} px) to "
+        f"{summary.out_dir} in {summary.seconds:.1f} s "
         f"({summary.seconds_per_image * 1000:.0f} ms/image)"
     )
     return 0
 
 
+def _count(number: int, singular: str, plural: str | None = None) -> str:
+    """Return ``number`` with the noun in singular or plural: "1 image", "2 images"."""
+    noun = singular if number == 1 else plural or f"{singular}s"
+    return f"{number} {noun}"
+
+
+def _check_synth_arguments(args: argparse.Namespace) -> None:
+    """Raise ``ValueError`` naming the flag, because ``synthesize`` names its parameters."""
+    from common.data.synth import MIN_IMAGE_SIZE
+
+    for flag, value, low in (
+        ("--images", args.images, 1),
+        ("--seed", args.seed, 0),
+        ("--size", args.size, MIN_IMAGE_SIZE),
+        ("--sites", args.sites, 0),
+    ):
+        if value < low:
+            raise ValueError(f"{flag} must be an integer >= {low}; got {value}")
+    rate = args.positive_rate
+    # The chained comparison is false for NaN, so NaN is rejected too.
+    if rate is not None and not 0.0 <= rate <= 1.0:
+        raise ValueError(f"--positive-rate must be a number in [0, 1]; got {rate}")
+    if args.site_styles and args.sites < 1:
+        raise ValueError("--site-styles needs --sites K with K >= 1")
+
+
 def _run_inspect(args: argparse.Namespace) -> int:
     from common.data.load import scan_dataset
-    from common.data.report import validate_failure_fraction
     from common.data.rsna import IMAGES_DIR, LABELS_FILE
     from common.data.summary import format_summary, summarize
 
-    validate_failure_fraction(args.max_failure_fraction)
+    fraction = args.max_failure_fraction
+    # The chained comparison is false for NaN, so NaN is rejected too.
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"--max-failure-fraction must be a number in [0, 1]; got {fraction}")
     labels_only = (args.dir / LABELS_FILE).is_file() and not (args.dir / IMAGES_DIR).is_dir()
     if labels_only:
         log.warning("%s has no %s folder: inspecting the label files only", args.dir, IMAGES_DIR)
@@ -121,7 +147,9 @@ def _run_inspect(args: argparse.Namespace) -> int:
         args.dir, decode=not args.no_decode and not labels_only, require_images=not labels_only
     )
     loaded.report.log_suppressed()
-    summary = summarize(loaded, max_failure_fraction=args.max_failure_fraction)
+    summary = summarize(
+        loaded, max_failure_fraction=args.max_failure_fraction, labels_only=labels_only
+    )
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

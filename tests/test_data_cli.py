@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pandas as pd
+import pytest
 
 from common.data.rsna import IMAGES_DIR, LABELS_FILE
-from common.data.synth import SITES_FILE
+from common.data.synth import SITES_FILE, synthesize
 from simulations.cli import main
 
 
@@ -72,9 +74,80 @@ def test_inspect_labels_only_folder(rsna_metadata, capsys):
     assert main(["data", "inspect", str(rsna_metadata), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["images"] == 26_684
-    assert summary["image_files_found"] == 0
+    assert summary["labels_only"] is True
+    assert summary["image_files_found"] is None
     assert summary["positives"] == 6_012
     assert summary["boxes"] == 9_555
     assert summary["label_mismatches"]["missing_class"] == 1
-    assert summary["skipped"]["missing_image"] == 26_684
+    assert summary["skipped"]["missing_image"] == 0
     assert summary["decode_failures"] is None
+    assert summary["would_load"] is None
+
+
+@pytest.fixture
+def labels_only_folder(tmp_path):
+    """A synthetic RSNA folder of 5 images whose image folder was deleted afterwards."""
+    root = tmp_path / "labels-only"
+    synthesize(root, images=5, seed=2, image_size=32, positive_rate=0.4)
+    shutil.rmtree(root / IMAGES_DIR)
+    return root
+
+
+def test_inspect_labels_only_json(labels_only_folder, capsys, caplog):
+    assert main(["data", "inspect", str(labels_only_folder), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["labels_only"] is True
+    assert summary["images"] == 5
+    assert summary["image_files_found"] is None
+    assert summary["skipped"]["missing_image"] == 0
+    assert summary["label_mismatches"]["missing_image"] == 0
+    assert [i for i in summary["issues"] if i["kind"] == "missing_image"] == []
+    assert summary["failed_image_fraction"] is None
+    assert summary["would_load"] is None
+    assert "inspecting the label files only" in caplog.text
+    assert "DICOM is missing" not in caplog.text
+
+
+def test_inspect_labels_only_table(labels_only_folder, capsys):
+    assert main(["data", "inspect", str(labels_only_folder)]) == 0
+    text = capsys.readouterr().out
+    assert "image files       not checked (label files only, no image folder)" in text
+    assert "decode failures   not checked (label files only, no image folder)" in text
+    assert "skipped           none" in text
+    assert "failure share     label rows 0.0%; images not checked, so no load verdict" in text
+    assert "image files found" not in text
+    assert "missing_image" not in text
+    assert "loads" not in text
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--images", "0", "--images must be an integer >= 1; got 0"),
+        ("--seed", "-1", "--seed must be an integer >= 0; got -1"),
+        ("--size", "16", "--size must be an integer >= 32; got 16"),
+        ("--sites", "-1", "--sites must be an integer >= 0; got -1"),
+        ("--positive-rate", "nan", "--positive-rate must be a number in [0, 1]; got nan"),
+        ("--positive-rate", "1.5", "--positive-rate must be a number in [0, 1]; got 1.5"),
+    ],
+)
+def test_synth_error_names_flag(tmp_path, caplog, flag, value, message):
+    out = tmp_path / "synthetic"
+    arguments = ["data", "synth", str(out), "--images", "2", "--seed", "1", "--size", "32"]
+    assert main([*arguments, flag, value]) == 1
+    assert message in caplog.text
+    assert not out.exists()
+
+
+def test_inspect_bad_failure_fraction_names_flag(labels_only_folder, caplog):
+    arguments = ["data", "inspect", str(labels_only_folder), "--max-failure-fraction", "nan"]
+    assert main(arguments) == 1
+    assert "--max-failure-fraction must be a number in [0, 1]; got nan" in caplog.text
+
+
+def test_synth_one_image_is_singular(tmp_path, capsys):
+    out = tmp_path / "one"
+    arguments = ["data", "synth", str(out), "--images", "1", "--seed", "4", "--size", "32",
+                 "--positive-rate", "0"]
+    assert main(arguments) == 0
+    assert "wrote 1 image (0 positive, 0 boxes, 32 px)" in capsys.readouterr().out

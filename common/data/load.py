@@ -82,8 +82,9 @@ def load_dataset(
         decode: also decode every image's pixels, catching codec failures (slow: about
             16 ms per 1024 x 1024 RSNA JPEG on one core). Implies ``check_images``.
         require_images: drop label rows whose image file is missing (reported). With
-            False they are kept as records pointing at the expected path, which serves
-            label-only folders such as a metadata release without pixels.
+            False they are kept as records pointing at the expected path, and their
+            ``missing_image`` issues are recorded but not logged. This serves label-only
+            folders such as a metadata release without pixels.
 
     Every skipped or repaired item is logged (the first few per kind) and recorded in
     ``LoadedDataset.report``.

@@ -94,11 +94,17 @@ class LoadReport:
     issues: list[Issue] = field(default_factory=list)
     _logged: Counter = field(default_factory=Counter, repr=False)
 
-    def add(self, kind: str, location: str, message: str) -> None:
-        """Record an issue and log it as a warning unless its kind was logged often enough."""
+    def add(self, kind: str, location: str, message: str, *, warn: bool = True) -> None:
+        """Record an issue and log it as a warning unless its kind was logged often enough.
+
+        With ``warn`` False the issue is only recorded, neither logged nor counted by
+        :meth:`log_suppressed`.
+        """
         if kind not in ALL_KINDS:
             raise ValueError(f"unknown issue kind {kind!r}; valid kinds: {', '.join(ALL_KINDS)}")
         self.issues.append(Issue(kind, location, message))
+        if not warn:
+            return
         self._logged[kind] += 1
         if self._logged[kind] <= WARNINGS_PER_KIND:
             log.warning("%s: %s", location, message)

@@ -321,6 +321,9 @@ def _build_record(
             "missing_image",
             str(root / IMAGES_DIR / f"{patient.patient_id}.dcm"),
             f"patient {patient.patient_id} is in the labels file but its DICOM is missing",
+            # Without required images the record is kept, and a label-only folder would
+            # log one warning per patient.
+            warn=require_images,
         )
         if require_images:
             return None

@@ -20,6 +20,7 @@ AGE_BANDS = ((0, 18, "0-17"), (18, 40, "18-39"), (40, 60, "40-59"), (60, 80, "60
 
 UNKNOWN = "unknown"
 WIDTH = 18  # label column of the human-readable table
+NOT_CHECKED_LABELS_ONLY = "not checked (label files only, no image folder)"
 
 LABEL_MISMATCH_KINDS = (
     "missing_image",
@@ -33,17 +34,26 @@ LABEL_MISMATCH_KINDS = (
 """Issue kinds where two sources of labels or files disagree."""
 
 
-def summarize(loaded: LoadedDataset, *, max_failure_fraction: float = 0.1) -> dict[str, Any]:
+def summarize(
+    loaded: LoadedDataset, *, max_failure_fraction: float = 0.1, labels_only: bool = False
+) -> dict[str, Any]:
     """Return the counts ``dpfedseg data inspect`` shows, as a JSON-ready mapping.
 
-    ``images`` counts records, and ``image_files_found`` those whose file exists (fewer
-    for a labels-only inspection). ``decode_failures`` is None when the pixels were not
-    decoded. ``would_load`` is
+    ``images`` counts records, and ``image_files_found`` those whose file exists.
+    ``decode_failures`` is None when the pixels were not decoded. ``would_load`` is
     whether :func:`common.data.load_dataset` accepts the folder at ``max_failure_fraction``.
+
+    ``labels_only`` marks a folder inspected without its images: its ``missing_image``
+    issues are left out, because every image is absent by design, and
+    ``image_files_found``, ``failed_image_fraction`` and ``would_load`` are None.
     """
     records = loaded.records
     report = loaded.report
+    issues = report.issues
     counts = report.counts()
+    if labels_only:
+        issues = [issue for issue in issues if issue.kind != "missing_image"]
+        counts["missing_image"] = 0
     kept = len(records)
     image_fraction, row_fraction = failure_fractions(
         failed_images=report.failed_images,
@@ -55,7 +65,10 @@ def summarize(loaded: LoadedDataset, *, max_failure_fraction: float = 0.1) -> di
         "root": str(loaded.root),
         "layout": loaded.layout,
         "images": kept,
-        "image_files_found": sum(1 for r in records if r.image_path.is_file()),
+        "labels_only": labels_only,
+        "image_files_found": (
+            None if labels_only else sum(1 for r in records if r.image_path.is_file())
+        ),
         "positives": sum(r.target for r in records),
         "negatives": sum(1 - r.target for r in records),
         "boxes": sum(len(r.boxes) for r in records) if loaded.layout == "rsna" else None,
@@ -72,11 +85,15 @@ def summarize(loaded: LoadedDataset, *, max_failure_fraction: float = 0.1) -> di
         "repaired": {k: counts[k] for k in REPAIRED_KINDS},
         "skipped": {k: counts[k] for k in SKIPPED_KINDS},
         "label_mismatches": {k: counts[k] for k in LABEL_MISMATCH_KINDS},
-        "failed_image_fraction": image_fraction,
+        "failed_image_fraction": None if labels_only else image_fraction,
         "rejected_row_fraction": row_fraction,
         "max_failure_fraction": max_failure_fraction,
-        "would_load": kept > 0 and max(image_fraction, row_fraction) <= max_failure_fraction,
-        "issues": [issue.to_dict() for issue in report.issues],
+        "would_load": (
+            None
+            if labels_only
+            else kept > 0 and max(image_fraction, row_fraction) <= max_failure_fraction
+        ),
+        "issues": [issue.to_dict() for issue in issues],
     }
 
 
@@ -87,7 +104,9 @@ def format_summary(summary: dict[str, Any], *, max_issues: int = 20) -> str:
         f"{'images':<{WIDTH}}{summary['images']}  (positive {summary['positives']}, "
         f"negative {summary['negatives']})",
     ]
-    if summary["image_files_found"] != summary["images"]:
+    if summary["labels_only"]:
+        lines.append(f"{'image files':<{WIDTH}}{NOT_CHECKED_LABELS_ONLY}")
+    elif summary["image_files_found"] != summary["images"]:
         lines.append(f"{'image files found':<{WIDTH}}{summary['image_files_found']}")
     if summary["boxes"] is not None:
         lines.append(f"{'boxes':<{WIDTH}}{summary['boxes']}  (label rows {summary['label_rows']})")
@@ -95,20 +114,13 @@ def format_summary(summary: dict[str, Any], *, max_issues: int = 20) -> str:
                        ("sex", "PatientSex"), ("age", "PatientAge"), ("modality", "Modality")):
         lines.append(f"{title:<{WIDTH}}{_format_mix(summary[key])}")
 
-    decode = summary["decode_failures"]
-    decoded = decode if decode is not None else "not checked (--no-decode)"
-    lines.append(f"{'decode failures':<{WIDTH}}{decoded}")
+    lines.append(f"{'decode failures':<{WIDTH}}{_format_decode_failures(summary)}")
 
     for key, title in (("failed_images", "failed images"), ("rejected_rows", "rejected rows"),
                        ("repaired", "repaired"), ("skipped", "skipped"),
                        ("label_mismatches", "label mismatches")):
         lines.append(f"{title:<{WIDTH}}{_format_counts(summary[key])}")
-    verdict = "loads" if summary["would_load"] else "would NOT load"
-    lines.append(
-        f"{'failure share':<{WIDTH}}images {summary['failed_image_fraction']:.1%}, label rows "
-        f"{summary['rejected_row_fraction']:.1%}: {verdict} at max_failure_fraction "
-        f"{summary['max_failure_fraction']:.0%}"
-    )
+    lines.append(f"{'failure share':<{WIDTH}}{_format_failure_share(summary)}")
 
     issues = summary["issues"]
     if issues:
@@ -118,6 +130,25 @@ def format_summary(summary: dict[str, Any], *, max_issues: int = 20) -> str:
         if len(issues) > max_issues:
             lines.append(f"  ... {len(issues) - max_issues} more")
     return "\n".join(lines)
+
+
+def _format_decode_failures(summary: dict[str, Any]) -> str:
+    if summary["labels_only"]:
+        return NOT_CHECKED_LABELS_ONLY
+    decode = summary["decode_failures"]
+    return str(decode) if decode is not None else "not checked (--no-decode)"
+
+
+def _format_failure_share(summary: dict[str, Any]) -> str:
+    rows = f"label rows {summary['rejected_row_fraction']:.1%}"
+    if summary["labels_only"]:
+        # Whether the folder loads depends on its images, which were not read.
+        return f"{rows}; images not checked, so no load verdict"
+    verdict = "loads" if summary["would_load"] else "would NOT load"
+    return (
+        f"images {summary['failed_image_fraction']:.1%}, {rows}: {verdict} at "
+        f"max_failure_fraction {summary['max_failure_fraction']:.0%}"
+    )
 
 
 def _mix(values) -> dict[str, int]:
