@@ -144,18 +144,27 @@ class CompareSpec:
 
     def site_settings(self, setup: str, seed: int):
         """Return the ``SiteSettings`` of ``setup`` and ``seed``; raise ValueError if invalid."""
+        import dataclasses
+
         from common.sites import SiteSettings
 
-        try:
-            return SiteSettings(
-                setup=setup,
-                num_sites=self.base.num_sites,
-                seed=seed,
-                expected_batch_size=self.base.batch_size,
-                **self.site_options,
+        # The setup, site count, seed and batch size come from the comparison itself.
+        own = {"setup", "num_sites", "seed", "expected_batch_size"}
+        allowed = sorted(f.name for f in dataclasses.fields(SiteSettings) if f.name not in own)
+        unknown = sorted(set(self.site_options) - set(allowed))
+        if unknown:
+            names = ", ".join(name.replace("_", "-") for name in unknown)
+            raise ValueError(
+                f"unknown --site-option {names}; valid options: "
+                f"{', '.join(name.replace('_', '-') for name in allowed)}"
             )
-        except TypeError as error:
-            raise ValueError(f"invalid site option: {error}") from None
+        return SiteSettings(
+            setup=setup,
+            num_sites=self.base.num_sites,
+            seed=seed,
+            expected_batch_size=self.base.batch_size,
+            **self.site_options,
+        )
 
     @property
     def num_sites(self) -> int:

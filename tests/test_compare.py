@@ -100,7 +100,7 @@ def test_sweep_sets_target_per_run(tmp_path):
         ({"seeds": (0, 0)}, "seeds must be distinct"),
         ({"sweep_epsilons": (1.0, 0.0)}, r"target epsilons must be finite and > 0; got \[0.0\]"),
         ({"setups": ("iid", "hospital")}, "setup must be one of"),
-        ({"site_options": {"alpah": 1.0}}, "invalid site option"),
+        ({"site_options": {"alpah": 1.0}}, "unknown --site-option alpah; valid options: alpha, attribute, "),
     ],
 )
 def test_spec_rejects_bad_values(tmp_path, changes, message):
