@@ -126,10 +126,8 @@ def _check_some_site_answered(
     reason = f"every sampled site failed in round {server_round}"
     folder.write_status(complete=False, last_round=last_round, stop_reason=reason)
     details = "; ".join(f"site {r.site}: {r.reason}" for r in train[:3])
-    raise RuntimeError(
-        f"{reason} ({details}); fix the cause, then rerun with resume to continue from "
-        f"round {last_round}"
-    )
+    then = "rerun" if last_round == 0 else f"rerun with resume = true to continue after round {last_round}"
+    raise RuntimeError(f"{reason} ({details}); fix the cause, then {then}")
 
 
 def _wait_for_nodes(grid: Any, minimum: int) -> list[int]:

@@ -78,12 +78,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from simulations.cmd_report import print_report
     from simulations.compare import run_comparison
+    from simulations.flower_processes import stop_idle_superlink
 
     spec = build_spec(args)
     if args.dry_run:
         print_plan(spec)
         return 0
-    print_report(run_comparison(spec))
+    try:
+        print_report(run_comparison(spec))
+    finally:
+        # The SuperLink that `flwr run` started would otherwise outlive the command.
+        stop_idle_superlink()
     return 0
 
 

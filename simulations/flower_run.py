@@ -24,6 +24,7 @@ from typing import Callable
 from common.config import RunConfig
 from common.results import STATUS_FILE
 from common.runtime import configure_environment, project_root, state_dir
+from simulations.flower_processes import end_simulations, stop_local_superlink
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +123,12 @@ def _stream(command, env, log_file: Path, timeout: float, on_line) -> list[str]:
     """Follow ``flwr run --stream``; on timeout or Ctrl-C stop the run at the SuperLink too.
 
     Killing the ``flwr`` CLI only ends the log stream: the run itself lives in the
-    SuperLink, so it is stopped with ``flwr stop RUN_ID``.
+    SuperLink, so it is stopped with ``flwr stop RUN_ID``, and its simulation process
+    (which ``flwr stop`` leaves running) is ended.
     """
     tail: deque[str] = deque(maxlen=40)
     started = time.monotonic()
+    started_wall = time.time()
     run_id = None
     with open(log_file, "a", encoding="utf-8") as sink:
         process = subprocess.Popen(
@@ -169,6 +172,8 @@ def _stream(command, env, log_file: Path, timeout: float, on_line) -> list[str]:
             process.stdout.close()
             if run_id is not None:
                 stop_run(run_id, env)
+            # `flwr stop` only marks the run stopped: its ServerApp would go on training.
+            end_simulations(since=started_wall)
             if isinstance(error, TimeoutError):
                 raise RuntimeError(
                     f"Flower run timed out after {timeout:.0f} s; log: {log_file}"
@@ -203,52 +208,3 @@ def _run_id(line: str) -> int | None:
 
 def _strip_ansi(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
-
-
-def stop_local_superlink(*, only_stale: bool = False) -> int:
-    """Stop the background SuperLink that ``flwr run`` started for this project's FLWR_HOME.
-
-    With ``only_stale``, stop it only if files it has open under FLWR_HOME were deleted,
-    as when the checkout was removed and cloned again while the SuperLink kept running.
-    Such a SuperLink still accepts runs but never finishes them. Waits up to 10 s for the
-    processes to exit and returns how many were signalled. Other users' SuperLinks are
-    left alone.
-    """
-    flwr_home = configure_environment()["FLWR_HOME"]
-    signalled = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            environ = (proc / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if "flower-superlink" not in cmdline or f"FLWR_HOME={flwr_home}".encode() not in environ:
-            continue
-        if only_stale and not _holds_deleted_files(proc, flwr_home):
-            continue
-        os.kill(int(proc.name), signal.SIGTERM)
-        signalled.append(proc)
-    deadline = time.monotonic() + 10
-    while any(_running(proc) for proc in signalled) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return len(signalled)
-
-
-def _running(proc: Path) -> bool:
-    """Return whether process ``proc`` (a /proc entry) exists and is not a zombie."""
-    try:
-        stat = (proc / "stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def _holds_deleted_files(proc: Path, folder: str) -> bool:
-    """Return whether process ``proc`` (a /proc entry) has a deleted file under ``folder`` open."""
-    try:
-        targets = [os.readlink(fd) for fd in (proc / "fd").iterdir()]
-    except OSError:
-        return False
-    return any(target.startswith(folder) and target.endswith(" (deleted)") for target in targets)

@@ -143,6 +143,10 @@ def test_broken_site_and_stopped_server(tmp_path, synthetic_dataset):
 
     with pytest.raises(StopAfterRoundOne):
         run_federated(config, num_sites=NUM_SITES, on_line=stop_after_round_one)
+    # `flwr stop` alone left the ServerApp training on in the background.
+    from simulations.flower_processes import project_processes
+
+    assert not list(project_processes("flwr-simulation"))
     run_dir = tmp_path / "run"
     status = json.loads((run_dir / "status.json").read_text())
     assert status["complete"] is False

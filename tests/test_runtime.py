@@ -4,6 +4,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from common.runtime import project_root
 
 
@@ -83,7 +85,7 @@ def test_stale_local_superlink_stopped():
     import time
 
     from common.runtime import configure_environment
-    from simulations.flower_run import stop_local_superlink
+    from simulations.flower_processes import stop_local_superlink
 
     flwr_home = configure_environment()["FLWR_HOME"]
     os.makedirs(flwr_home, exist_ok=True)
@@ -111,3 +113,64 @@ def test_stale_local_superlink_stopped():
         for state in files:
             if os.path.exists(state):
                 os.unlink(state)
+
+
+def _stand_in(name: str, flwr_home: str, code: str) -> subprocess.Popen:
+    """Start a Python process whose command line carries ``name``, with this project's FLWR_HOME."""
+    import os
+
+    return subprocess.Popen([sys.executable, "-c", code, name], env={**os.environ, "FLWR_HOME": flwr_home})
+
+
+def test_interrupted_run_simulation_ended():
+    """The simulation process of a stopped run gets SIGINT; one started before the run is left alone."""
+    import signal
+    import time
+
+    from common.runtime import configure_environment
+    from simulations.flower_processes import end_simulations
+
+    flwr_home = configure_environment()["FLWR_HOME"]
+    # Exits with status 3 on SIGINT, as Python unwinding a KeyboardInterrupt would.
+    code = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGINT, lambda *_: sys.exit(3))\n"
+        "time.sleep(60)\n"
+    )
+    older = _stand_in("flwr-simulation", flwr_home, code)
+    time.sleep(1.5)
+    since = time.time()
+    ours = _stand_in("flwr-simulation", flwr_home, code)
+    try:
+        time.sleep(0.5)  # let it install its handler
+        assert end_simulations(since=since, grace=10) == 1
+        assert ours.wait(timeout=10) == 3
+        assert older.poll() is None
+    finally:
+        for process in (older, ours):
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+            process.wait()
+
+
+@pytest.mark.parametrize(
+    "listing, active",
+    [
+        ('{"success": true, "runs": []}', []),
+        ('{"success": true, "runs": [{"run-id": 7, "status": "finished:completed"}, '
+         '{"run-id": 8, "status": "running"}, {"run-id": 9, "status": "pending"}]}', ["8", "9"]),
+        ('{"success": true, "runs": [{"run-id": 7, "status": "finished:stopped"}]}', []),
+    ],
+)
+def test_active_runs_from_flwr_ls(listing, active):
+    from simulations.flower_processes import active_runs
+
+    assert active_runs(listing) == active
+
+
+@pytest.mark.parametrize("output", ["", "Error: no SuperLink", '{"success": false, "error-message": "x"}'])
+def test_active_runs_rejects_failed_listing(output):
+    from simulations.flower_processes import active_runs
+
+    with pytest.raises(ValueError, match="flwr ls"):
+        active_runs(output)
