@@ -29,3 +29,12 @@ def rsna_metadata() -> Path:
     if not (RSNA_METADATA / "stage_2_train_labels.csv").is_file():
         pytest.skip(f"real RSNA metadata not found at {RSNA_METADATA}")
     return RSNA_METADATA
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stop_superlink_after_tests():
+    """Stop the background SuperLink that the Flower tests' `flwr run` calls started."""
+    yield
+    from simulations.flower_processes import stop_idle_superlink
+
+    stop_idle_superlink()
