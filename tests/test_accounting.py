@@ -293,3 +293,19 @@ def test_calibration_rejects_bad_arguments(changes, message):
     arguments = {"target_epsilon": 8.0, "delta": DELTA, "sample_rate": 0.01, "steps": 100}
     with pytest.raises(ValueError, match=message):
         calibrate_noise_multiplier(**{**arguments, **changes})
+
+
+def test_repeated_composition_evaluated_once():
+    """The budget check and the ledger after a round ask for the same composition."""
+    from common.privacy import accounting
+    from common.privacy.ledger import LedgerEntry
+
+    entries = [LedgerEntry(noise_multiplier=1.3, sample_rate=0.037, steps=41, server_round=1, method="rs")]
+    before = accounting._cached_epsilon.cache_info()
+    first = accounting.compute_epsilon(entries, delta=1e-5)
+    second = accounting.compute_epsilon(list(entries), delta=1e-5)
+    after = accounting._cached_epsilon.cache_info()
+    assert first == second
+    assert after.misses - before.misses <= 1
+    assert after.hits - before.hits >= 1
+    assert accounting.compute_epsilon(entries, delta=1e-6) > first  # delta is part of the key
