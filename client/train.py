@@ -32,7 +32,7 @@ from common.privacy.clipping import AdaptiveClipBound, adaptive_noise_multiplier
 from common.privacy.ledger import LedgerEntry, PrivacyLedger
 from common.privacy.noise import NoiseSource, poisson_sample
 from common.privacy.choose import choose_strategy
-from common.privacy.sparsify import draw_mask, mask_seed, rs_num_windows, rs_rate, rs_window
+from common.privacy.sparsify import mask_seed, rs_num_windows, rs_rate, rs_window, seeded_mask
 from common.privacy.step import METHOD_PIECES, DPStep, NonPrivateStep
 
 logger = logging.getLogger(__name__)
@@ -301,10 +301,8 @@ def _set_round_mask(
         )
         window = windows - 1
     rate = rs_rate(window, num_windows=windows, final_rate=config.rs_final_rate)
-    generator = torch.Generator().manual_seed(
-        mask_seed(seed=config.seed, server_round=server_round, site=site, window=window)
-    )
-    step.set_mask(draw_mask([p.shape for p in step.params], rate=rate, generator=generator, device=device))
+    seed = mask_seed(seed=config.seed, server_round=server_round, site=site, window=window)
+    step.set_mask(seeded_mask([p.shape for p in step.params], rate=rate, seed=seed, device=device))
     return rate
 
 

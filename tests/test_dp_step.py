@@ -181,29 +181,50 @@ def test_layer_books_and_weighted_sums(layer, size):
     weights, grads = layer_reference(layer, inputs)
     own = list(layer.parameters())
     factors = torch.tensor([0.5, 2.0, -1.0], dtype=torch.float64)
+    # A convolution weight at 10% kept takes the sampled product, at 40% the dense one.
+    for kept_share in (0.1, 0.4):
+        masks = _random_masks(own, kept_share)
+        if isinstance(layer, torch.nn.Conv2d):
+            masks[0] = layer_grads.conv_mask(masks[0].dropped, masks[0].kept_index)
+            sampled = conv_grads.sampling_pays(
+                layer, layer(inputs), masks[0].kept_index.numel(), masks[0].dropped.numel()
+            )
+            assert sampled == (kept_share == 0.1 and layer.groups == 1)
+        for param_masks in ([None] * len(own), masks):
+            _check_books(layer, inputs, weights, grads, factors, param_masks)
+
+
+def _random_masks(params, kept_share: float) -> list:
+    """Masks keeping exactly ``floor(kept_share * numel)`` (at least one) random coordinates of each parameter."""
+    from common.privacy import layer_grads
+
     generator = torch.Generator().manual_seed(3)
-    kept = [torch.rand(p.shape, generator=generator) > 0.6 for p in own]
-    masks = [
-        layer_grads.ParamMask(dropped=~k, kept_index=torch.nonzero(k.flatten()).flatten()) for k in kept
-    ]
-    if isinstance(layer, torch.nn.Conv2d):
-        masks[0] = layer_grads.conv_mask(masks[0].dropped, masks[0].kept_index)
-        sampled = conv_grads.sampling_pays(layer, layer(inputs), masks[0].kept_index.numel(), masks[0].dropped.numel())
-        expected_sampled = size <= 4 and layer.groups == 1  # up to 16 positions at 40% kept
-        assert sampled == expected_sampled
-    for param_masks in ([None] * len(own), masks):
-        keep = [torch.ones_like(p, dtype=torch.bool) if m is None else ~m.dropped for p, m in zip(own, param_masks)]
-        expected_sq = torch.stack([sum((g * k).pow(2).sum() for g, k in zip(per, keep)) for per in grads])
-        expected_sums = [sum(factors[i] * grads[i][j] * keep[j] for i in range(3)) for j in range(len(own))]
-        for allowance in (0, 10**9):
-            book = layer_grads.book_layer(layer, inputs, weights, param_masks, allowance=allowance)
-            assert torch.allclose(book.squared, expected_sq, rtol=EXACT, atol=0)
-            assert (book.a is None) == all(v is not None for v in book.values)
-            ghost = param_masks[0] is None and conv_grads.ghost_is_cheaper(layer, inputs, weights)
-            assert (book.values[0] is None) == (ghost or allowance == 0)
-            out = layer_grads.weighted_sums(layer, book, factors, param_masks)
-            for got, expected in zip(out, expected_sums):
-                assert torch.allclose(got, expected, rtol=EXACT, atol=1e-12)
+    masks = []
+    for param in params:
+        count = max(1, int(kept_share * param.numel()))
+        kept_index = torch.randperm(param.numel(), generator=generator)[:count].sort().values
+        dropped = torch.ones(param.numel(), dtype=torch.bool)
+        dropped[kept_index] = False
+        masks.append(layer_grads.ParamMask(dropped=dropped.view(param.shape), kept_index=kept_index))
+    return masks
+
+
+def _check_books(layer, inputs, weights, grads, factors, param_masks) -> None:
+    from common.privacy import conv_grads, layer_grads
+
+    own = list(layer.parameters())
+    keep = [torch.ones_like(p, dtype=torch.bool) if m is None else ~m.dropped for p, m in zip(own, param_masks)]
+    expected_sq = torch.stack([sum((g * k).pow(2).sum() for g, k in zip(per, keep)) for per in grads])
+    expected_sums = [sum(factors[i] * grads[i][j] * keep[j] for i in range(3)) for j in range(len(own))]
+    for allowance in (0, 10**9):
+        book = layer_grads.book_layer(layer, inputs, weights, param_masks, allowance=allowance)
+        assert torch.allclose(book.squared, expected_sq, rtol=EXACT, atol=0)
+        assert (book.a is None) == all(v is not None for v in book.values)
+        ghost = param_masks[0] is None and conv_grads.ghost_is_cheaper(layer, inputs, weights)
+        assert (book.values[0] is None) == (ghost or allowance == 0)
+        out = layer_grads.weighted_sums(layer, book, factors, param_masks)
+        for got, expected in zip(out, expected_sums):
+            assert torch.allclose(got, expected, rtol=EXACT, atol=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -291,6 +312,21 @@ def test_mask_depends_only_on_seed():
     other = mask_seed(seed=1, server_round=2, site=4, window=1)
     assert torch.equal(first.kept[0], again.kept[0])
     assert seed != other
+
+
+def test_seeded_mask_reused_for_upload():
+    """Training and the sparse upload ask for the same mask; it is drawn once."""
+    from common.privacy.sparsify import seeded_mask
+
+    shapes = [torch.Size([3, 4]), torch.Size([50])]
+    first = seeded_mask(shapes, rate=0.4, seed=11)
+    drawn = draw_mask(shapes, rate=0.4, generator=torch.Generator().manual_seed(11))
+    assert seeded_mask(list(shapes), rate=0.4, seed=11) is first
+    assert all(torch.equal(a, b) for a, b in zip(first.kept, drawn.kept))
+    other = seeded_mask(shapes, rate=0.4, seed=12)
+    assert other is not first
+    assert not all(torch.equal(a, b) for a, b in zip(first.kept, other.kept))
+    assert seeded_mask(shapes, rate=0.5, seed=11).num_zeroed == 31
 
 
 def test_ramp_hits_stated_values():

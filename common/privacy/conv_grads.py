@@ -114,17 +114,23 @@ def weight_grad(module: nn.Conv2d, a: Tensor, b: Tensor, weight: Tensor, groups:
 def sampling_pays(module: nn.Conv2d, b: Tensor, kept: int, total: int) -> bool:
     """Return whether to compute ``kept`` of a weight's ``total`` coordinates alone, sampled.
 
-    A sampled product (SDDMM) costs ``T`` multiply-adds per kept coordinate, at roughly
-    7 G/s on the test machine's 2 cores, against the dense product's 10 G/s (4 x 4
-    positions) to 80 G/s (16 x 16) for all coordinates. Measured at batch 8 and 10% kept:
-    512 channels at 4 x 4 took 4.1 ms sampled against 28.5 ms dense, 256 at 8 x 8 2.7
-    against 4.3 ms, 128 at 16 x 16 4.8 against 3.6 ms. Sampling pays while the kept
-    fraction times the positions stays at most 8.
+    The sampled product (SDDMM) on the CPU costs more per kept coordinate than its
+    ``T`` multiply-adds suggest, and more the larger the kept share: for 512 channels at
+    2 x 2 positions (batch 8) it took 22 ms at 10% kept, 45 ms at 20% and 174 ms at 55%,
+    against 32 to 54 ms for the dense per-sample product and a selection. At 4 x 4 it
+    took 4.2 ms at 10% kept and 14 ms at 25%, against 35 to 37 ms dense; at 8 x 8, 11 ms
+    at 10% against 44 ms.
+
+    So sampling is used up to 12% kept at fewer than 16 output
+    positions (a rate-0.9 mask keeps about 10% of each layer, a little more or less),
+    and otherwise up to 20% kept while the kept share times the positions stays at most
+    8 (the dense product gets cheaper per coordinate as ``T`` grows).
     """
     if module.groups != 1:
         return False
     positions = b.shape[2] * b.shape[3]
-    return kept * positions <= 8 * total
+    share = kept / total
+    return share <= (0.12 if positions < 16 else 0.2) and share * positions <= 8
 
 
 def sampled_weight(module: nn.Conv2d, a: Tensor, b: Tensor, rows: Tensor, cols: Tensor) -> Tensor:

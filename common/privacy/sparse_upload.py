@@ -17,11 +17,11 @@ import torch
 from common.config import RunConfig
 from common.privacy.sparsify import (
     SparsityMask,
-    draw_mask,
     mask_seed,
     rs_num_windows,
     rs_rate,
     rs_window,
+    seeded_mask,
 )
 
 SPARSE_METHODS = ("rs", "rs-automatic")
@@ -52,10 +52,8 @@ def round_mask(
     )
     window = min(window, windows - 1)
     rate = rs_rate(window, num_windows=windows, final_rate=config.rs_final_rate)
-    generator = torch.Generator().manual_seed(
-        mask_seed(seed=config.seed, server_round=server_round, site=site, window=window)
-    )
-    return draw_mask(shapes, rate=rate, generator=generator)
+    seed = mask_seed(seed=config.seed, server_round=server_round, site=site, window=window)
+    return seeded_mask(shapes, rate=rate, seed=seed)
 
 
 def weight_shapes(weights: Mapping[str, np.ndarray]) -> list[torch.Size]:

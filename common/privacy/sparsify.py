@@ -18,6 +18,7 @@ Gaussian mechanism and epsilon is unchanged. The mask, and its seed, may be publ
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -159,6 +160,24 @@ def draw_mask(
         part.reshape(shape).to(device) for part, shape in zip(torch.split(flat, sizes), shapes)
     )
     return SparsityMask(kept=kept, rate=float(rate), num_zeroed=zeroed, num_coordinates=total)
+
+
+def seeded_mask(
+    shapes: Sequence[torch.Size], *, rate: float, seed: int, device: torch.device | str = "cpu"
+) -> SparsityMask:
+    """Return :func:`draw_mask` of ``shapes`` at ``rate`` from a generator seeded with ``seed``.
+
+    The last mask is kept: a site draws its round's mask to train and again to encode
+    its sparse upload, and each draw permutes all ``d`` coordinates (0.39 s for a
+    ResNet18 U-Net on 2 cores). Callers must not modify the mask.
+    """
+    return _seeded_mask(tuple(tuple(shape) for shape in shapes), float(rate), int(seed), str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=1)
+def _seeded_mask(shapes: tuple[tuple[int, ...], ...], rate: float, seed: int, device: str) -> SparsityMask:
+    generator = torch.Generator().manual_seed(seed)
+    return draw_mask([torch.Size(shape) for shape in shapes], rate=rate, generator=generator, device=device)
 
 
 def _check_refresh(refresh: str) -> None:
