@@ -304,6 +304,23 @@ def test_mask_is_uniform_across_layers():
         assert float((~kept).double().mean()) == pytest.approx(0.9, abs=0.02)
 
 
+@pytest.mark.parametrize("rate", [0.3, 0.9])  # draws the zeroed side, then the kept side
+def test_mask_coordinates_equally_likely(rate):
+    """Every coordinate is zeroed with probability floor(p d) / d, wherever it lies.
+
+    Over 2000 masks a coordinate's zeroed share has std at most 0.011, so allow 0.05.
+    """
+    shapes = [torch.Size([30]), torch.Size([4, 5])]
+    generator = torch.Generator().manual_seed(8)
+    counts = torch.zeros(50)
+    for _ in range(2000):
+        mask = draw_mask(shapes, rate=rate, generator=generator)
+        counts += torch.cat([(~kept).flatten().float() for kept in mask.kept])
+    share = num_zeroed(rate, 50) / 50
+    assert float((counts / 2000 - share).abs().max()) < 0.05
+    assert float(counts.sum()) == 2000 * num_zeroed(rate, 50)
+
+
 def test_mask_depends_only_on_seed():
     shapes = [torch.Size([500])]
     seed = mask_seed(seed=1, server_round=2, site=3, window=1)
