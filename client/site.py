@@ -24,6 +24,7 @@ from common.model import build_unet, plain_state_dict
 from common.privacy.ledger import PrivacyLedger
 from common.privacy.sparse_upload import (
     encode_update,
+    mask_digest,
     round_mask,
     sparse_upload_applies,
     weight_shapes,
@@ -210,7 +211,7 @@ def _upload(
         mask = round_mask(config, weight_shapes(old), server_round=server_round, site=site)
         values = encode_update(old, new, mask)
         if values is not None:
-            return {fed.SPARSE_VALUES: values}, fed.UPLOAD_SPARSE
+            return {fed.SPARSE_VALUES: values, fed.SPARSE_MASK_DIGEST: mask_digest(mask)}, fed.UPLOAD_SPARSE
         log.warning(
             "site %d: the update is not zero off the RS mask, so it is sent dense", site
         )

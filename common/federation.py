@@ -16,7 +16,8 @@ CONFIG_KEY = "config"
 METRICS_KEY = "metrics"
 INFO_KEY = "info"
 
-SPARSE_VALUES = "rs-kept-values"  # the only array of a sparse RS upload
+SPARSE_VALUES = "rs-kept-values"  # a sparse RS upload: the kept coordinates' values
+SPARSE_MASK_DIGEST = "rs-mask-digest"  # and the digest of the mask the site used
 
 NUM_EXAMPLES = "num-examples"  # FedAvg's weight key; Flower's default name
 SITE = "site"

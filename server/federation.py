@@ -209,7 +209,10 @@ def _densify(reply: TrainReply, weights, config: RunConfig, server_round: int) -
     """Rebuild a sparse RS upload into full weights with the round's mask for that site."""
     mask = round_mask(config, weight_shapes(weights), server_round=server_round, site=reply.site)
     try:
-        reply.weights = decode_update(weights, reply.weights[fed.SPARSE_VALUES], mask)
+        reply.weights = decode_update(
+            weights, reply.weights[fed.SPARSE_VALUES], mask,
+            digest=reply.weights[fed.SPARSE_MASK_DIGEST],
+        )
     except (KeyError, ValueError) as error:
         reply.status = STATUS_FAILED
         reply.reason = f"invalid sparse upload: {error}"

@@ -9,7 +9,7 @@ import torch
 from common import federation as fed
 from common.config import RunConfig
 from common.privacy.ledger import PrivacyLedger
-from common.privacy.sparse_upload import decode_update, encode_update, round_mask, weight_shapes
+from common.privacy.sparse_upload import decode_update, encode_update, mask_digest, round_mask, weight_shapes
 
 ALLOWED_METRICS = {
     fed.SITE, fed.NUM_EXAMPLES, "epsilon", "delta", "noise_multiplier", "sample_rate",
@@ -85,8 +85,10 @@ def test_rs_round_uploads_kept_values_only(tmp_path, site_data):
     d = sum(v.size for v in start.values())
     assert mask.num_zeroed == int(0.9 * d)
     assert values.shape == (d - int(0.9 * d),)
-    assert reply.metrics["upload_bytes"] == values.nbytes
-    rebuilt = decode_update(start, values, mask)
+    digest = reply.weights[fed.SPARSE_MASK_DIGEST]
+    assert digest.dtype == np.uint8
+    assert reply.metrics["upload_bytes"] == values.nbytes + 16
+    rebuilt = decode_update(start, values, mask, digest=digest)
     changed = sum(int(np.count_nonzero(rebuilt[k] != start[k])) for k in start)
     assert 0 < changed <= mask.num_kept
 
@@ -108,6 +110,22 @@ def test_sparse_codec_round_trips_and_rejects_dense_updates():
     assert encode_update(old, new, mask) is None
     with pytest.raises(ValueError, match="keeps 9 coordinates"):
         decode_update(old, values[:-1], mask)
+
+
+def test_sparse_upload_rejects_other_mask():
+    """A mask with as many kept coordinates but other ones would misplace every value."""
+    old = {"a": np.zeros((3, 4), np.float32), "b": np.ones(5, np.float32)}
+    config = RunConfig(method="rs", num_server_rounds=1, rs_final_rate=0.5)
+    site_mask = round_mask(config, weight_shapes(old), server_round=1, site=0)
+    other = round_mask(config, weight_shapes(old), server_round=1, site=1)
+    assert other.num_kept == site_mask.num_kept
+    assert not all(torch.equal(a, b) for a, b in zip(site_mask.kept, other.kept))
+    values = np.arange(site_mask.num_kept, dtype=np.float32)
+    digest = mask_digest(site_mask)
+    assert digest.shape == (16,)
+    decode_update(old, values, site_mask, digest=digest)
+    with pytest.raises(ValueError, match="the site's RS mask differs from the one the server rebuilt"):
+        decode_update(old, values, other, digest=digest)
 
 
 def test_site_refuses_round_past_budget(tmp_path, site_data):

@@ -9,6 +9,7 @@ server rebuilds the full weights: ``(1 - p) * d`` floats instead of ``d``.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Mapping
 
 import numpy as np
@@ -79,10 +80,33 @@ def encode_update(
     return np.concatenate(values) if values else np.zeros(0, dtype=np.float32)
 
 
+def mask_digest(mask: SparsityMask) -> np.ndarray:
+    """Return a 16-byte BLAKE2b digest (uint8) of the mask's shapes and kept coordinates."""
+    digest = hashlib.blake2b(digest_size=16)
+    for kept in mask.kept:
+        digest.update(repr(tuple(kept.shape)).encode())
+        digest.update(np.packbits(kept.cpu().numpy().ravel()).tobytes())
+    return np.frombuffer(digest.digest(), dtype=np.uint8).copy()
+
+
 def decode_update(
-    old: Mapping[str, np.ndarray], values: np.ndarray, mask: SparsityMask
+    old: Mapping[str, np.ndarray],
+    values: np.ndarray,
+    mask: SparsityMask,
+    *,
+    digest: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Rebuild full weights from ``old`` and the kept-coordinate ``values`` of the update."""
+    """Rebuild full weights from ``old`` and the kept-coordinate ``values`` of the update.
+
+    With ``digest``, the site's :func:`mask_digest`, raise ValueError unless ``mask`` is
+    the one the site used. A different mask with as many kept coordinates would put the
+    values on the wrong coordinates without any other sign.
+    """
+    if digest is not None and not np.array_equal(np.asarray(digest, dtype=np.uint8), mask_digest(mask)):
+        raise ValueError(
+            "the site's RS mask differs from the one the server rebuilt for it; run the same "
+            "dpfedseg version and RS settings at the server and every site"
+        )
     if values.shape != (mask.num_kept,):
         raise ValueError(
             f"sparse update has {values.shape} values but the round's mask keeps "
