@@ -11,6 +11,8 @@ import json
 import logging
 from pathlib import Path
 
+from common.config import _check_range
+
 log = logging.getLogger(__name__)
 
 
@@ -121,12 +123,9 @@ def _check_synth_arguments(args: argparse.Namespace) -> None:
         ("--size", args.size, MIN_IMAGE_SIZE),
         ("--sites", args.sites, 0),
     ):
-        if value < low:
-            raise ValueError(f"{flag} must be an integer >= {low}; got {value}")
-    rate = args.positive_rate
-    # The chained comparison is false for NaN, so NaN is rejected too.
-    if rate is not None and not 0.0 <= rate <= 1.0:
-        raise ValueError(f"--positive-rate must be a number in [0, 1]; got {rate}")
+        _check_range(flag, value, low=low)
+    if args.positive_rate is not None:
+        _check_range("--positive-rate", args.positive_rate, low=0.0, high=1.0)
     if args.site_styles and args.sites < 1:
         raise ValueError("--site-styles needs --sites K with K >= 1")
 
@@ -136,10 +135,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
     from common.data.rsna import IMAGES_DIR, LABELS_FILE
     from common.data.summary import format_summary, summarize
 
-    fraction = args.max_failure_fraction
-    # The chained comparison is false for NaN, so NaN is rejected too.
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"--max-failure-fraction must be a number in [0, 1]; got {fraction}")
+    _check_range("--max-failure-fraction", args.max_failure_fraction, low=0.0, high=1.0)
     labels_only = (args.dir / LABELS_FILE).is_file() and not (args.dir / IMAGES_DIR).is_dir()
     if labels_only:
         log.warning("%s has no %s folder: inspecting the label files only", args.dir, IMAGES_DIR)

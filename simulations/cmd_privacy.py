@@ -17,7 +17,7 @@ import json
 import math
 from typing import Any
 
-from common.config import ACCOUNTANTS
+from common.config import ACCOUNTANTS, _check_range
 
 DECIMALS = 4
 
@@ -124,42 +124,15 @@ def _check_arguments(args: argparse.Namespace) -> None:
             "give exactly one of --noise-multiplier (to compute epsilon) and --target-epsilon "
             "(to calibrate the noise multiplier)"
         )
-    _check_flag("--sample-rate", args.sample_rate, low=0.0, high=1.0, low_open=True)
-    _check_flag("--delta", args.delta, low=0.0, high=1.0, low_open=True, high_open=True)
-    _check_flag("--tolerance", args.tolerance, low=0.0, high=0.5, low_open=True, high_open=True)
+    _check_range("--sample-rate", args.sample_rate, low=0.0, high=1.0, low_open=True)
+    _check_range("--delta", args.delta, low=0.0, high=1.0, low_open=True, high_open=True)
+    _check_range("--tolerance", args.tolerance, low=0.0, high=0.5, low_open=True, high_open=True)
     if args.noise_multiplier is not None:
-        _check_flag("--noise-multiplier", args.noise_multiplier, low=0.0, low_open=True)
-        _check_flag("--steps", args.steps, low=0)
+        _check_range("--noise-multiplier", args.noise_multiplier, low=0.0, low_open=True)
+        _check_range("--steps", args.steps, low=0)
     else:
-        _check_flag("--target-epsilon", args.target_epsilon, low=0.0, low_open=True)
-        _check_flag("--steps", args.steps, low=1)
-
-
-def _check_flag(
-    flag: str,
-    value: float,
-    *,
-    low: float,
-    high: float | None = None,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> None:
-    """Raise ``ValueError`` unless ``value`` is finite and lies between ``low`` and ``high``.
-
-    ``low_open`` and ``high_open`` exclude the bound itself. Without ``high`` the message
-    states only the lower bound, because infinity is rejected too.
-    """
-    # Every comparison with NaN is false, so NaN passes no range test unless rejected first.
-    below = value <= low if low_open else value < low
-    above = high is not None and (value >= high if high_open else value > high)
-    if math.isfinite(value) and not below and not above:
-        return
-    if high is None:
-        allowed = f"{'>' if low_open else '>='} {low:g}"
-    else:
-        allowed = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    number = "an integer" if isinstance(value, int) else "a finite number"
-    raise ValueError(f"{flag} must be {number} {allowed}; got {value!r}")
+        _check_range("--target-epsilon", args.target_epsilon, low=0.0, low_open=True)
+        _check_range("--steps", args.steps, low=1)
 
 
 def round_up(value: float, decimals: int = DECIMALS) -> float:

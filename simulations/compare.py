@@ -22,6 +22,7 @@ setting never mixes with old results.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -144,8 +145,6 @@ class CompareSpec:
 
     def site_settings(self, setup: str, seed: int):
         """Return the ``SiteSettings`` of ``setup`` and ``seed``; raise ValueError if invalid."""
-        import dataclasses
-
         from common.sites import SiteSettings
 
         # The setup, site count, seed and batch size come from the comparison itself.

@@ -92,7 +92,7 @@ def active_runs(ls_json: str) -> list[str]:
     try:
         listing = json.loads(ls_json)
     except json.JSONDecodeError as error:
-        raise ValueError(f"flwr ls printed no JSON: {ls_json[-300:]!r}") from error
+        raise ValueError(f"invalid flwr ls output, expected JSON: {ls_json[-300:]!r}") from error
     if not isinstance(listing, dict) or not listing.get("success"):
         raise ValueError(f"flwr ls failed: {ls_json[-300:]!r}")
     return [

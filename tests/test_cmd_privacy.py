@@ -113,18 +113,18 @@ def test_noise_and_target_are_exclusive(capsys, arguments, message):
 @pytest.mark.parametrize(
     "flag, value, message",
     [
-        ("--sample-rate", "nan", "--sample-rate must be a finite number in (0, 1]; got nan"),
-        ("--sample-rate", "0", "--sample-rate must be a finite number in (0, 1]; got 0.0"),
-        ("--sample-rate", "1.5", "--sample-rate must be a finite number in (0, 1]; got 1.5"),
-        ("--sample-rate", "-0.1", "--sample-rate must be a finite number in (0, 1]; got -0.1"),
-        ("--noise-multiplier", "nan", "--noise-multiplier must be a finite number > 0; got nan"),
-        ("--noise-multiplier", "inf", "--noise-multiplier must be a finite number > 0; got inf"),
-        ("--noise-multiplier", "0", "--noise-multiplier must be a finite number > 0; got 0.0"),
-        ("--delta", "nan", "--delta must be a finite number in (0, 1); got nan"),
-        ("--delta", "1", "--delta must be a finite number in (0, 1); got 1.0"),
-        ("--steps", "-1", "--steps must be an integer >= 0; got -1"),
-        ("--tolerance", "nan", "--tolerance must be a finite number in (0, 0.5); got nan"),
-        ("--tolerance", "0.5", "--tolerance must be a finite number in (0, 0.5); got 0.5"),
+        ("--sample-rate", "nan", "--sample-rate must lie in (0.0, 1.0]; got nan"),
+        ("--sample-rate", "0", "--sample-rate must lie in (0.0, 1.0]; got 0.0"),
+        ("--sample-rate", "1.5", "--sample-rate must lie in (0.0, 1.0]; got 1.5"),
+        ("--sample-rate", "-0.1", "--sample-rate must lie in (0.0, 1.0]; got -0.1"),
+        ("--noise-multiplier", "nan", "--noise-multiplier must lie in (0.0, inf); got nan"),
+        ("--noise-multiplier", "inf", "--noise-multiplier must lie in (0.0, inf); got inf"),
+        ("--noise-multiplier", "0", "--noise-multiplier must lie in (0.0, inf); got 0.0"),
+        ("--delta", "nan", "--delta must lie in (0.0, 1.0); got nan"),
+        ("--delta", "1", "--delta must lie in (0.0, 1.0); got 1.0"),
+        ("--steps", "-1", "--steps must lie in [0, inf); got -1"),
+        ("--tolerance", "nan", "--tolerance must lie in (0.0, 0.5); got nan"),
+        ("--tolerance", "0.5", "--tolerance must lie in (0.0, 0.5); got 0.5"),
     ],
 )
 def test_invalid_flag_named_with_value(capsys, flag, value, message):
@@ -138,9 +138,9 @@ def test_invalid_flag_named_with_value(capsys, flag, value, message):
 @pytest.mark.parametrize(
     "value, message",
     [
-        ("nan", "--target-epsilon must be a finite number > 0; got nan"),
-        ("inf", "--target-epsilon must be a finite number > 0; got inf"),
-        ("0", "--target-epsilon must be a finite number > 0; got 0.0"),
+        ("nan", "--target-epsilon must lie in (0.0, inf); got nan"),
+        ("inf", "--target-epsilon must lie in (0.0, inf); got inf"),
+        ("0", "--target-epsilon must lie in (0.0, inf); got 0.0"),
     ],
 )
 def test_invalid_target_epsilon_named(capsys, value, message):
@@ -150,4 +150,4 @@ def test_invalid_target_epsilon_named(capsys, value, message):
 
 def test_calibration_needs_one_step(capsys):
     assert main(["privacy", *MECHANISM, "--target-epsilon", "8", "--steps", "0"]) == 1
-    assert "--steps must be an integer >= 1; got 0" in capsys.readouterr().err
+    assert "--steps must lie in [1, inf); got 0" in capsys.readouterr().err

@@ -123,12 +123,12 @@ def test_inspect_labels_only_table(labels_only_folder, capsys):
 @pytest.mark.parametrize(
     "flag, value, message",
     [
-        ("--images", "0", "--images must be an integer >= 1; got 0"),
-        ("--seed", "-1", "--seed must be an integer >= 0; got -1"),
-        ("--size", "16", "--size must be an integer >= 32; got 16"),
-        ("--sites", "-1", "--sites must be an integer >= 0; got -1"),
-        ("--positive-rate", "nan", "--positive-rate must be a number in [0, 1]; got nan"),
-        ("--positive-rate", "1.5", "--positive-rate must be a number in [0, 1]; got 1.5"),
+        ("--images", "0", "--images must lie in [1, inf); got 0"),
+        ("--seed", "-1", "--seed must lie in [0, inf); got -1"),
+        ("--size", "16", "--size must lie in [32, inf); got 16"),
+        ("--sites", "-1", "--sites must lie in [0, inf); got -1"),
+        ("--positive-rate", "nan", "--positive-rate must lie in [0.0, 1.0]; got nan"),
+        ("--positive-rate", "1.5", "--positive-rate must lie in [0.0, 1.0]; got 1.5"),
     ],
 )
 def test_synth_error_names_flag(tmp_path, caplog, flag, value, message):
@@ -142,7 +142,7 @@ def test_synth_error_names_flag(tmp_path, caplog, flag, value, message):
 def test_inspect_bad_failure_fraction_names_flag(labels_only_folder, caplog):
     arguments = ["data", "inspect", str(labels_only_folder), "--max-failure-fraction", "nan"]
     assert main(arguments) == 1
-    assert "--max-failure-fraction must be a number in [0, 1]; got nan" in caplog.text
+    assert "--max-failure-fraction must lie in [0.0, 1.0]; got nan" in caplog.text
 
 
 def test_synth_one_image_is_singular(tmp_path, capsys):

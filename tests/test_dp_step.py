@@ -189,7 +189,8 @@ def test_layer_books_and_weighted_sums(layer, size):
             sampled = conv_grads.sampling_pays(
                 layer, layer(inputs), masks[0].kept_index.numel(), masks[0].dropped.numel()
             )
-            assert sampled == (kept_share == 0.1 and layer.groups == 1)
+            expected_sampled = kept_share == 0.1 and layer.groups == 1
+            assert sampled == expected_sampled
         for param_masks in ([None] * len(own), masks):
             _check_books(layer, inputs, weights, grads, factors, param_masks)
 

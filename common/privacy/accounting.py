@@ -130,9 +130,9 @@ def _epsilon(composition: Composition, *, delta: float, accountant: str) -> floa
 
 @functools.lru_cache(maxsize=256)
 def _cached_epsilon(composition: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
-    # A site asks for the same composition more than once a round (the budget check
-    # before training and the ledger's epsilon after it). One RDP evaluation took about
-    # 0.25 s here, and four of them half of a 64 px demo round's time at a site.
+    # A site needs the same composition's epsilon more than once a round: for the budget
+    # check before training and for the ledger after it. One RDP evaluation took about
+    # 0.25 s on 2 cores, so four of them were half of a 64 px demo round at a site.
     try:
         epsilon = float(_ACCOUNTANT_FUNCTIONS[accountant](composition, delta))
     except (ValueError, RuntimeError, FloatingPointError, OverflowError) as error:

@@ -118,8 +118,8 @@ def sampling_pays(module: nn.Conv2d, b: Tensor, kept: int, total: int) -> bool:
     ``T`` multiply-adds suggest, and more the larger the kept share: for 512 channels at
     2 x 2 positions (batch 8) it took 22 ms at 10% kept, 45 ms at 20% and 174 ms at 55%,
     against 32 to 54 ms for the dense per-sample product and a selection. At 4 x 4 it
-    took 4.2 ms at 10% kept and 14 ms at 25%, against 35 to 37 ms dense; at 8 x 8, 11 ms
-    at 10% against 44 ms.
+    took 4.2 ms at 10% kept and 14 ms at 25%, against 35 to 37 ms dense. At 8 x 8 it
+    took 11 ms at 10% kept, against 44 ms.
 
     So sampling is used up to 12% kept at fewer than 16 output
     positions (a rate-0.9 mask keeps about 10% of each layer, a little more or less),
