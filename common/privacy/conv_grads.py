@@ -90,10 +90,7 @@ def per_sample_weight(module: nn.Conv2d, a: Tensor, b: Tensor) -> Tensor:
         patches = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)
         return torch.bmm(b.flatten(2), patches.transpose(1, 2)).view(batch, *shape)
     if method == "loop":
-        grads = module.weight.new_empty((batch, *shape))
-        for i in range(batch):
-            grads[i] = weight_grad(module, a[i : i + 1], b[i : i + 1], module.weight, module.groups)
-        return grads
+        return torch.stack(per_example_weights(module, a, b))
     # The weight only gives the kernel shape, so an expanded scalar serves.
     weight = a.new_empty(()).expand(batch * shape[0], *shape[1:])
     grads = weight_grad(
@@ -101,6 +98,16 @@ def per_sample_weight(module: nn.Conv2d, a: Tensor, b: Tensor) -> Tensor:
         batch * module.groups,
     )
     return grads.view(batch, *shape)
+
+
+def per_example_weights(module: nn.Conv2d, a: Tensor, b: Tensor) -> list[Tensor]:
+    """Return each example's weight gradient of convolution ``module``, one convolution each.
+
+    This is :func:`per_sample_weight`'s ``loop`` kernel without the stacking, for callers
+    that can use the tensors as they come: at 256 px, copying them into one tensor took
+    about a fifth of the kernel's time in the training step.
+    """
+    return [weight_grad(module, a[i : i + 1], b[i : i + 1], module.weight, module.groups) for i in range(a.shape[0])]
 
 
 def weight_grad(module: nn.Conv2d, a: Tensor, b: Tensor, weight: Tensor, groups: int) -> Tensor:
