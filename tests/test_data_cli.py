@@ -10,6 +10,7 @@ import pytest
 
 from common.data.rsna import IMAGES_DIR, LABELS_FILE
 from common.data.synth import SITES_FILE, synthesize
+from common.sites.frames import AGE_BANDS, AGE_COLUMN, age_bands, rsna_metadata_frame
 from simulations.cli import main
 
 
@@ -82,6 +83,17 @@ def test_inspect_labels_only_folder(rsna_metadata, capsys):
     assert summary["skipped"]["missing_image"] == 0
     assert summary["decode_failures"] is None
     assert summary["would_load"] is None
+
+
+def test_inspect_age_bands_match_sites(rsna_metadata, capsys):
+    """``data inspect`` and site partitions put the same patients in the same age bands."""
+    assert main(["data", "inspect", str(rsna_metadata), "--json"]) == 0
+    ages = json.loads(capsys.readouterr().out)["age"]
+    bands = age_bands(rsna_metadata_frame(rsna_metadata)[AGE_COLUMN])
+    expected = bands.replace("", "unknown").value_counts().to_dict()
+    assert set(ages) <= {name for name, _, _ in AGE_BANDS} | {"unknown"}
+    assert ages == expected
+    assert sum(ages.values()) == 26_684
 
 
 @pytest.fixture

@@ -13,10 +13,8 @@ from common.data.report import (
     SKIPPED_KINDS,
     failure_fractions,
 )
+from common.sites.frames import AGE_BANDS
 
-AGE_BANDS = ((0, 18, "0-17"), (18, 40, "18-39"), (40, 60, "40-59"), (60, 80, "60-79"),
-             (80, 10_000, "80+"))
-"""Age bands in whole years: [low, high) and label."""
 
 UNKNOWN = "unknown"
 WIDTH = 18  # label column of the human-readable table
@@ -157,9 +155,11 @@ def _mix(values) -> dict[str, int]:
 
 
 def _age_band(age: int | None) -> str | None:
+    """Return the band of ``age`` that site partitions use too, None if unknown or below 0."""
     if age is None:
         return None
-    return next(label for low, high, label in AGE_BANDS if low <= age < high)
+    inside = (name for name, low, high in AGE_BANDS if age >= low and (high is None or age < high))
+    return next(inside, None)
 
 
 def _format_mix(mix: dict[str, int]) -> str:

@@ -353,8 +353,8 @@ def default_strategy(device: torch.device | str, *, sparsify: bool) -> str:
 
     CPU: ``ghost`` for every method. Measured with ``benchmarks/bench_dp_step.py``
     (ResNet34 U-Net, batch 8, 2 threads on a 2-core AMD EPYC; see BENCHMARKS.md), as
-    median wall time relative to the non-private step: ghost 1.19x to 1.30x at 128 px
-    and 1.03x to 1.12x at 256 px for every method, against 2.43x to 2.64x (128 px) and
+    median wall time relative to the non-private step: ghost 1.15x to 1.30x at 128 px
+    and 1.03x to 1.16x at 256 px for every method, against 2.43x to 2.64x (128 px) and
     1.17x to 1.25x (256 px) for ``loop`` and more for ``opacus``. Ghost's peak of live
     tensor memory is 0.96x the non-private step's.
 
