@@ -189,13 +189,20 @@ def train_round(
     info.update({fed.INFO_STATUS: STATUS_OK, fed.INFO_REASON: "", fed.INFO_UPLOAD: upload_kind})
     metrics.update(
         {
-            "train_loss": float(result.train_loss),
             "steps": int(result.steps),
             "train_seconds": float(result.seconds),
             "upload_bytes": int(sum(np.asarray(v).nbytes for v in upload.values())),
             "round_entries": len(result.entries),
         }
     )
+    if config.private:
+        # The loss comes from the private images without noise, outside the DP guarantee.
+        log.info(
+            "site %d round %d: train loss %.4f (kept at the site: not differentially private)",
+            setup.site, server_round, result.train_loss,
+        )
+    else:
+        metrics["train_loss"] = float(result.train_loss)
     return TrainReplyContent(weights=upload, metrics=metrics, info=info)
 
 

@@ -46,10 +46,8 @@ class TrainResult:
     ``none``); ``entries`` are this round's ledger entries. ``upload_coordinates`` counts
     the coordinates where the weights changed: ``d`` for dense methods, at most the
     ``d - floor(p d)`` kept coordinates for RS with a per-round mask and momentum 0.
-    ``train_loss`` is the mean per-example loss of the sampled batches.
-
-    NOTE: ``train_loss`` is computed from the private images without noise; sending it
-    to the server is outside the DP guarantee of the model update.
+    ``train_loss`` is the mean per-example loss of the sampled batches. It comes from the
+    private images without noise, so a private site logs it and does not send it.
     """
 
     num_examples: int

@@ -70,6 +70,17 @@ def test_reply_holds_weights_and_metrics_only(tmp_path, site_data):
     assert reply.info[fed.INFO_UPLOAD] == fed.UPLOAD_DENSE
     total = sum(v.nbytes for v in start.values())
     assert reply.metrics["upload_bytes"] == total
+    assert "train_loss" not in reply.metrics  # not differentially private
+
+
+def test_only_nonprivate_reply_sends_train_loss(tmp_path, site_data):
+    from client.site import train_round
+
+    config = _config(tmp_path, site_data, method="none")
+    reply = train_round(config, {"partition-id": 0}, _initial(config), server_round=1)
+    assert reply.info[fed.INFO_STATUS] == "ok"
+    assert np.isfinite(reply.metrics["train_loss"])
+    assert reply.metrics["train_loss"] > 0
 
 
 def test_rs_round_uploads_kept_values_only(tmp_path, site_data):
