@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -163,7 +164,7 @@ def train_round(
         server_round=server_round,
         site=setup.site,
         device=device,
-        generator_seed=_simulation_seed(config, node_config, setup.site, server_round),
+        generator_seed=_simulation_seed(config, node_config, setup.site, server_round, ledger),
         max_grad_norm=_read_clip_bound(setup) if config.method == "adaptive" else None,
     )
     if config.method == "adaptive" and not result.refused:
@@ -246,16 +247,29 @@ def evaluate_global(
 
 
 def _simulation_seed(
-    config: RunConfig, node_config: Mapping[str, Any], site: int, server_round: int
+    config: RunConfig,
+    node_config: Mapping[str, Any],
+    site: int,
+    server_round: int,
+    ledger: PrivacyLedger | None,
 ) -> int | None:
     """Return a reproducible sampling/noise seed in simulation, None (OS entropy) otherwise.
 
     Anyone with the seed can regenerate the noise, so only a simulation (where Flower
     sets ``partition-id``) without ``secure-rng`` gets a seed derived from the run seed.
+    The seed also depends on what the site's ledger already contains. The ledger
+    composes a rerun on the same site folder with the earlier runs as independent
+    mechanisms. Drawing the same noise again would break that, because two releases at
+    different noise multipliers with the same noise reveal the clipped gradient sum.
+    Every trained round adds an entry, so no two rounds of one site folder share a seed,
+    and a fresh folder reproduces the same run.
     """
     if config.secure_rng or "partition-id" not in node_config:
         return None
-    return (config.seed * 1_000_003 + site) * 10_007 + server_round
+    entries = ledger.entries if ledger is not None else []
+    key = (config.seed, site, server_round, len(entries), sum(entry.steps for entry in entries))
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # below 2**63: any torch or numpy seed
 
 
 def _read_clip_bound(setup: SiteSetup) -> float | None:

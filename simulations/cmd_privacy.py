@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     )
     result["epsilons"] = epsilon_table([entry], delta=args.delta)
     print(json.dumps(result, indent=2) if args.json else format_result(result))
-    return 0
+    return 1 if any(row["error"] for row in result["epsilons"]) else 0
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
@@ -158,9 +158,13 @@ def format_result(result: dict[str, Any]) -> str:
     lines.append("")
     rows = [("accountant", "epsilon", "method")]
     for row in result["epsilons"]:
-        epsilon = f"{round_up(row['epsilon']):.{DECIMALS}f}"
+        epsilon = "failed" if row.get("error") else f"{round_up(row['epsilon']):.{DECIMALS}f}"
         rows.append((row["accountant"], epsilon, row["label"]))
     widths = [max(len(row[column]) for row in rows) for column in range(2)]
     for name, epsilon, label in rows:
         lines.append(f"{name:<{widths[0]}}  {epsilon:>{widths[1]}}  {label}")
+    failures = [row for row in result["epsilons"] if row.get("error")]
+    if failures:
+        lines.append("")
+        lines.extend(f"{row['accountant']} failed: {row['error']}" for row in failures)
     return "\n".join(lines)

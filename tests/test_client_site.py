@@ -73,6 +73,24 @@ def test_reply_holds_weights_and_metrics_only(tmp_path, site_data):
     assert "train_loss" not in reply.metrics  # not differentially private
 
 
+def test_rerun_on_same_site_folder_draws_new_noise(tmp_path, site_data):
+    """A rerun composed in the same ledger must not reuse the noise; a fresh folder reproduces."""
+    from client.site import train_round
+
+    config = _config(tmp_path, site_data, method="automatic")
+    start = _initial(config)
+    first = train_round(config, {"partition-id": 1}, start, server_round=1)
+    again = train_round(config, {"partition-id": 1}, start, server_round=1)
+    fresh_config = config.replace(output_dir=str(tmp_path / "fresh"))
+    fresh = train_round(fresh_config, {"partition-id": 1}, start, server_round=1)
+
+    assert len(again.metrics[fed.LEDGER_STEPS]) == 2  # composed with the first run
+    for key in start:
+        np.testing.assert_array_equal(fresh.weights[key], first.weights[key])
+    differing = [key for key in start if not np.array_equal(again.weights[key], first.weights[key])]
+    assert len(differing) == len(start)
+
+
 def test_only_nonprivate_reply_sends_train_loss(tmp_path, site_data):
     from client.site import train_round
 

@@ -151,3 +151,31 @@ def test_invalid_target_epsilon_named(capsys, value, message):
 def test_calibration_needs_one_step(capsys):
     assert main(["privacy", *MECHANISM, "--target-epsilon", "8", "--steps", "0"]) == 1
     assert "--steps must lie in [1, inf); got 0" in capsys.readouterr().err
+
+
+def test_failed_accountant_keeps_other_rows(capsys, monkeypatch):
+    """PRV out of memory (a tiny sigma or very many steps) still prints RDP and PLD, then fails."""
+    from common.privacy import accounting
+
+    def out_of_memory(composition, delta):
+        raise MemoryError("Unable to allocate 455. GiB for an array")
+
+    monkeypatch.setitem(accounting._ACCOUNTANT_FUNCTIONS, "prv", out_of_memory)
+    arguments = ["--sample-rate", "0.03", "--noise-multiplier", "1.1", "--steps", "123", "--delta", "1e-5"]
+    assert main(["privacy", *arguments]) == 1
+    text = capsys.readouterr().out
+    table, reasons = text.split("\n\n")[1:]
+    rows = table_rows(table)
+    entry = LedgerEntry(noise_multiplier=1.1, sample_rate=0.03, steps=123)
+    rdp = compute_epsilon([entry], delta=1e-5, accountant="rdp")
+    assert rows["rdp"][0] == f"{round_up(rdp):.4f}"
+    assert rows["prv"][0] == "failed"
+    assert rows["pld"][0] != "failed"
+    assert reasons.startswith("prv failed: the prv accountant failed on")
+    assert "Unable to allocate 455. GiB" in reasons
+
+    assert main(["privacy", *arguments, "--json"]) == 1
+    rows = {row["accountant"]: row for row in json.loads(capsys.readouterr().out)["epsilons"]}
+    assert rows["prv"]["epsilon"] is None
+    assert rows["rdp"]["epsilon"] == pytest.approx(rdp, rel=1e-12)
+    assert rows["pld"]["error"] is None

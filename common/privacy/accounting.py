@@ -135,7 +135,8 @@ def _cached_epsilon(composition: tuple[tuple[float, float, int], ...], delta: fl
     # 0.25 s on 2 cores, so four of them were half of a 64 px demo round at a site.
     try:
         epsilon = float(_ACCOUNTANT_FUNCTIONS[accountant](composition, delta))
-    except (ValueError, RuntimeError, FloatingPointError, OverflowError) as error:
+    except (ValueError, RuntimeError, FloatingPointError, OverflowError, MemoryError) as error:
+        # PRV's grid grows with the steps and 1/sigma: numpy's MemoryError names the size asked for.
         raise RuntimeError(
             f"the {accountant} accountant failed on (noise_multiplier, sample_rate, steps) "
             f"{list(composition)} at delta {delta:g}: {error}; use the rdp accountant for this case"
@@ -319,16 +320,22 @@ def epsilon_table(
     delta: float,
     accountants: Sequence[str] = ACCOUNTANTS,
 ) -> list[dict[str, object]]:
-    """Return one row per accountant: ``accountant``, ``label``, ``epsilon`` and ``delta``."""
-    return [
-        {
-            "accountant": name,
-            "label": ACCOUNTANT_LABELS[name],
-            "epsilon": compute_epsilon(entries, delta=delta, accountant=name),
-            "delta": delta,
+    """Return one row per accountant: ``accountant``, ``label``, ``epsilon``, ``delta``, ``error``.
+
+    An accountant that fails (PRV can run out of memory at a tiny noise multiplier) gets
+    ``epsilon`` None and its reason in ``error``, and the other rows are still computed.
+    """
+    rows: list[dict[str, object]] = []
+    for name in accountants:
+        row: dict[str, object] = {
+            "accountant": name, "label": ACCOUNTANT_LABELS[name], "epsilon": None, "delta": delta, "error": None,
         }
-        for name in accountants
-    ]
+        try:
+            row["epsilon"] = compute_epsilon(entries, delta=delta, accountant=name)
+        except RuntimeError as error:
+            row["error"] = str(error)
+        rows.append(row)
+    return rows
 
 
 def federation_epsilon(
