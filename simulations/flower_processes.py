@@ -5,7 +5,8 @@
 run (the ServerApp, and Ray with the ClientApps). They outlive the CLI. ``flwr stop``
 marks a run stopped in the SuperLink, but its ``flwr-simulation`` process can go on
 training, so an interrupted run is also ended here. Processes of other projects (another
-``FLWR_HOME``) are never touched.
+``FLWR_HOME``) are never touched, but a run is refused while one of them holds the local
+SuperLink's port (:func:`check_local_superlink_port`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -59,6 +61,30 @@ def stop_local_superlink(*, only_stale: bool = False) -> int:
         signalled.append(proc)
     _wait_for_exit(signalled, 10)
     return len(signalled)
+
+
+def check_local_superlink_port() -> None:
+    """Raise RuntimeError when the local SuperLink's port is held, but not by this project.
+
+    ``flwr run`` connects to whatever listens on 127.0.0.1 at its local SuperLink port (39091
+    unless ``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT`` says otherwise). A SuperLink left by
+    another checkout would get this project's runs and run them with its own code and
+    environment, without an error. A port held by no SuperLink of this project is refused.
+    """
+    port = int(os.environ.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "39091"))
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.settimeout(0.5)
+        if probe.connect_ex(("127.0.0.1", port)) != 0:
+            return  # free: `flwr run` starts this project's SuperLink there
+    if any(True for _ in project_processes("flower-superlink")):
+        return
+    flwr_home = configure_environment()["FLWR_HOME"]
+    raise RuntimeError(
+        f"127.0.0.1:{port}, where `flwr run` looks for its local SuperLink, is held by a process "
+        f"that is not this project's SuperLink (FLWR_HOME {flwr_home}), for example one that "
+        "another checkout started. `flwr run` would send this run to it, with that checkout's "
+        "code. Stop it (`pgrep -af flower-superlink` lists the candidates) and try again."
+    )
 
 
 def stop_idle_superlink(env: dict[str, str] | None = None) -> bool:

@@ -24,7 +24,7 @@ from typing import Callable
 from common.config import RunConfig
 from common.results import STATUS_FILE
 from common.runtime import configure_environment, project_root, state_dir
-from simulations.flower_processes import end_simulations, stop_local_superlink
+from simulations.flower_processes import check_local_superlink_port, end_simulations, stop_local_superlink
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ def run_federated(
             "stopped %d local SuperLink process(es) whose files under %s had been deleted; "
             "`flwr run` starts a new one", stale, flwr_home,
         )
+    check_local_superlink_port()
     env = dict(os.environ)
     # `flwr run` launches `flower-superlink` by name: put this environment's scripts first.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])

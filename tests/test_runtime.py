@@ -174,3 +174,31 @@ def test_active_runs_rejects_failed_listing(output):
 
     with pytest.raises(ValueError, match="flwr ls"):
         active_runs(output)
+
+
+def test_foreign_local_superlink_port_refused(tmp_path, monkeypatch):
+    """A local SuperLink port held by no SuperLink of this project stops the run before `flwr run`."""
+    import socket
+    import time
+
+    from simulations.flower_processes import check_local_superlink_port, project_processes
+
+    flwr_home = str(tmp_path / "flwr")
+    monkeypatch.setenv("FLWR_HOME", flwr_home)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        monkeypatch.setenv("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", str(port))
+        with pytest.raises(RuntimeError, match=f"127.0.0.1:{port}, where `flwr run` looks"):
+            check_local_superlink_port()
+        ours = _stand_in("flower-superlink", flwr_home, "import time; time.sleep(60)")
+        try:
+            deadline = time.monotonic() + 10
+            while not any(True for _ in project_processes("flower-superlink")) and time.monotonic() < deadline:
+                time.sleep(0.05)  # until the child has exec'd with its own command line
+            check_local_superlink_port()  # this project's SuperLink holds it
+        finally:
+            ours.kill()
+            ours.wait()
+    check_local_superlink_port()  # free port
