@@ -43,6 +43,7 @@ from simulations.summary import (
     SUMMARY_MD,
     claims,
     claims_markdown,
+    early_stops,
     final_per_run,
     load_outputs,
     run_name,
@@ -611,10 +612,13 @@ def write_report(outputs: Path) -> list[Path]:
     table = summarize(final)
     atomic.write_csv(folder / SUMMARY_CSV, table)
     figures = write_plots(rounds, folder)
+    stops = early_stops(outputs)
+    stopped = ["## Runs stopped early\n", *stops, ""] if stops else []
     text = "\n".join(
         [
             "# RS vs AC comparison: summary\n",
             summary_markdown(table),
+            *stopped,
             "## Claims\n",
             claims_markdown(claims(final)),
             "## Figures\n",

@@ -157,6 +157,24 @@ def find_runs(outputs: Path) -> list[RunFolder]:
     return runs
 
 
+def early_stops(outputs: Path) -> list[str]:
+    """Return one Markdown list line per finished run that ended before its planned rounds.
+
+    The server stops a run early when every site's privacy budget is spent or every
+    sampled site failed. Such a run's final row counts fewer rounds than planned, so the
+    summary names it with its reason.
+    """
+    lines = []
+    for run in find_runs(outputs):
+        planned, done = run.config.get("num_server_rounds"), run.status.get("last_round")
+        if not run.complete or planned is None or done is None or int(done) >= int(planned):
+            continue
+        reason = run.status.get("stop_reason") or "no reason recorded"
+        lines.append(f"- {METHOD_LABELS.get(run.method, run.method)}, {run.path.name}: "
+                     f"{int(done)} of {int(planned)} rounds ({reason})")
+    return lines
+
+
 def load_rounds(runs: list[RunFolder]) -> pd.DataFrame:
     """Concatenate the ``rounds.csv`` of ``runs`` with the run keys as leading columns.
 

@@ -341,3 +341,18 @@ def test_report_command_prints_summary(tmp_path, capsys):
     assert f"  {folder / summary.SUMMARY_MD}" in written
     assert f"  {folder / summary.SUMMARY_CSV}" in written
     assert len(written) == 7  # five figures, the CSV and the Markdown summary
+
+
+def test_summary_names_runs_stopped_early(tmp_path):
+    """A run the server ended before its planned rounds is listed with its reason."""
+    from simulations.compare import write_report
+
+    write_run(tmp_path, "automatic")
+    stopped = write_run(tmp_path, "rs", rounds=1)
+    write_json(stopped / results.CONFIG_FILE, {"method": "rs", "seed": 0, "num-sites": 2, "num-server-rounds": 3})
+    reason = "every site's privacy budget is spent"
+    write_json(stopped / results.STATUS_FILE, {"complete": True, "last_round": 1, "stop_reason": reason})
+    write_report(tmp_path)
+    text = (tmp_path / summary.COMPARISON_DIR / summary.SUMMARY_MD).read_text()
+    section = text.split("## Runs stopped early\n")[1].split("## Claims")[0]
+    assert section.strip().splitlines() == [f"- RS (random sparsification), iid-seed0: 1 of 3 rounds ({reason})"]
