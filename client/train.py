@@ -37,6 +37,9 @@ from common.privacy.step import METHOD_PIECES, DPStep, NonPrivateStep
 
 logger = logging.getLogger(__name__)
 
+_MAX_CLIP_DRIFT = 0.5
+"""Largest change of log C per step, from one std of the count noise, without a warning."""
+
 
 @dataclass
 class TrainResult:
@@ -270,6 +273,7 @@ def _make_step(
         return NonPrivateStep(model, dice_bce_loss)
     adaptive = None
     if config.method == "adaptive":
+        _warn_on_clip_drift(config, plan)
         adaptive = AdaptiveClipBound(
             max_grad_norm=clip_bound, target_quantile=config.adaptive_target_quantile,
             clip_lr=config.adaptive_clip_lr, count_noise=config.adaptive_count_noise,
@@ -279,6 +283,27 @@ def _make_step(
         max_grad_norm=clip_bound, expected_batch_size=plan.expected_batch_size, source=source,
         strategy=result.strategy, ac_gamma=config.ac_gamma, adaptive=adaptive,
     )
+
+
+def _warn_on_clip_drift(config: RunConfig, plan: RoundPlan) -> None:
+    """Warn when the count noise alone moves the adaptive clip bound a lot at each step.
+
+    The bound's update is ``C <- C exp(-eta (b_hat - gamma))``, and ``b_hat`` carries count
+    noise of std ``sigma_b / B``. So one standard deviation of that noise changes
+    ``log C`` by ``eta sigma_b / B`` per step. Above :data:`_MAX_CLIP_DRIFT` the bound
+    follows a random walk: at an expected batch of 1 with the defaults it is 2.0, a
+    factor of 7.4 per step.
+    """
+    drift = config.adaptive_clip_lr * config.adaptive_count_noise / plan.expected_batch_size
+    if drift > _MAX_CLIP_DRIFT:
+        logger.warning(
+            "adaptive clipping: at expected batch %.2f with adaptive-count-noise %g and "
+            "adaptive-clip-lr %g, the count noise alone moves the clip bound by a factor of "
+            "about %.1f per step, so the bound drifts at random and training can diverge; "
+            "use a larger batch-size",
+            plan.expected_batch_size, config.adaptive_count_noise, config.adaptive_clip_lr,
+            math.exp(drift),
+        )
 
 
 def _set_round_mask(

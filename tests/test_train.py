@@ -142,6 +142,18 @@ def test_adaptive_reports_its_bound_and_checks_noise():
                    server_round=1, site=0)
 
 
+def test_adaptive_warns_when_count_noise_dominates(caplog):
+    """At an expected batch of 1 the count noise moves the clip bound by e^2 per step."""
+    for batch_size, warned in ((4, False), (1, True)):
+        caplog.clear()
+        ledger = PrivacyLedger(None, delta=1e-5, target_epsilon=100.0)
+        cfg = config(method="adaptive", batch_size=batch_size, adaptive_count_noise=10.0)
+        train_site(tiny_model(), dataset(), cfg, ledger=ledger, server_round=1, site=0, generator_seed=0)
+        assert ("the count noise alone moves the clip bound" in caplog.text) == warned
+    assert "at expected batch 1.00 with adaptive-count-noise 10" in caplog.text
+    assert "by a factor of about 7.4 per step" in caplog.text
+
+
 def test_private_method_needs_ledger():
     with pytest.raises(ValueError, match="needs the site's PrivacyLedger"):
         train_site(tiny_model(), dataset(), config(), ledger=None, server_round=1, site=0)
