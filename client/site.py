@@ -196,13 +196,9 @@ def train_round(
             "round_entries": len(result.entries),
         }
     )
-    if config.private:
-        # The loss comes from the private images without noise, outside the DP guarantee.
-        log.info(
-            "site %d round %d: train loss %.4f (kept at the site: not differentially private)",
-            setup.site, server_round, result.train_loss,
-        )
-    else:
+    # A private site does not send its loss, because it comes from the training images
+    # without noise. Its epoch log lines show it locally.
+    if not config.private:
         metrics["train_loss"] = float(result.train_loss)
     return TrainReplyContent(weights=upload, metrics=metrics, info=info)
 

@@ -45,7 +45,8 @@ from simulations.summary import (
     claims_markdown,
     early_stops,
     final_per_run,
-    load_outputs,
+    load_rounds,
+    report_runs,
     run_name,
     summarize,
     summary_markdown,
@@ -600,7 +601,8 @@ def write_report(outputs: Path) -> list[Path]:
     from simulations.plots import write_plots
 
     outputs = Path(outputs)
-    rounds = load_outputs(outputs)
+    runs = report_runs(outputs)
+    rounds = load_rounds(runs)
     if rounds.empty:
         raise ValueError(
             f"no finished run under {outputs}; expected run folders such as "
@@ -612,7 +614,7 @@ def write_report(outputs: Path) -> list[Path]:
     table = summarize(final)
     atomic.write_csv(folder / SUMMARY_CSV, table)
     figures = write_plots(rounds, folder)
-    stops = early_stops(outputs)
+    stops = early_stops(runs)
     stopped = ["## Runs stopped early\n", *stops, ""] if stops else []
     text = "\n".join(
         [

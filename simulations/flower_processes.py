@@ -64,12 +64,13 @@ def stop_local_superlink(*, only_stale: bool = False) -> int:
 
 
 def check_local_superlink_port() -> None:
-    """Raise RuntimeError when the local SuperLink's port is held, but not by this project.
+    """Raise RuntimeError when the local SuperLink's port is in use, but not by this project.
 
-    ``flwr run`` connects to whatever listens on 127.0.0.1 at its local SuperLink port (39091
-    unless ``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT`` says otherwise). A SuperLink left by
-    another checkout would get this project's runs and run them with its own code and
-    environment, without an error. A port held by no SuperLink of this project is refused.
+    ``flwr run`` connects to whatever listens on 127.0.0.1 at its local SuperLink port
+    (39091 unless ``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT`` sets another). A SuperLink left
+    by another checkout would get this project's runs and run them with its own code and
+    environment, without an error. So a port in use while this project runs no
+    SuperLink is rejected.
     """
     port = int(os.environ.get("FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "39091"))
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:

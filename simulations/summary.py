@@ -157,15 +157,15 @@ def find_runs(outputs: Path) -> list[RunFolder]:
     return runs
 
 
-def early_stops(outputs: Path) -> list[str]:
-    """Return one Markdown list line per finished run that ended before its planned rounds.
+def early_stops(runs: list[RunFolder]) -> list[str]:
+    """Return one Markdown list line per finished run of ``runs`` that ended before its planned rounds.
 
     The server stops a run early when every site's privacy budget is spent or every
     sampled site failed. Such a run's final row counts fewer rounds than planned, so the
     summary names it with its reason.
     """
     lines = []
-    for run in find_runs(outputs):
+    for run in runs:
         planned, done = run.config.get("num_server_rounds"), run.status.get("last_round")
         if not run.complete or planned is None or done is None or int(done) >= int(planned):
             continue
@@ -213,7 +213,12 @@ def load_rounds(runs: list[RunFolder]) -> pd.DataFrame:
 
 
 def load_outputs(outputs: Path, *, complete_only: bool = True) -> pd.DataFrame:
-    """Return the rounds of every run under ``outputs``; unfinished runs are dropped by default.
+    """Return the rounds of every run under ``outputs``; unfinished runs are dropped by default."""
+    return load_rounds(report_runs(outputs, complete_only=complete_only))
+
+
+def report_runs(outputs: Path, *, complete_only: bool = True) -> list[RunFolder]:
+    """Return the run folders under ``outputs``; unfinished ones are dropped by default.
 
     An unfinished run is named in a warning so a partial report never passes silently.
     """
@@ -223,7 +228,7 @@ def load_outputs(outputs: Path, *, complete_only: bool = True) -> pd.DataFrame:
         names = ", ".join(str(r.path.relative_to(outputs)) for r in unfinished)
         log.warning("%d unfinished run(s) left out of the report: %s", len(unfinished), names)
         runs = [r for r in runs if r.complete]
-    return load_rounds(runs)
+    return runs
 
 
 # ----- per round, per site, per run ---------------------------------------------------------

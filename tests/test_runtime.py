@@ -197,7 +197,7 @@ def test_foreign_local_superlink_port_refused(tmp_path, monkeypatch):
             deadline = time.monotonic() + 10
             while not any(True for _ in project_processes("flower-superlink")) and time.monotonic() < deadline:
                 time.sleep(0.05)  # until the child has exec'd with its own command line
-            check_local_superlink_port()  # this project's SuperLink holds it
+            check_local_superlink_port()  # this project's SuperLink listens there
         finally:
             ours.kill()
             ours.wait()

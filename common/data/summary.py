@@ -15,7 +15,6 @@ from common.data.report import (
 )
 from common.sites.frames import AGE_BANDS
 
-
 UNKNOWN = "unknown"
 WIDTH = 18  # label column of the human-readable table
 NOT_CHECKED_LABELS_ONLY = "not checked (label files only, no image folder)"
