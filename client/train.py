@@ -10,9 +10,12 @@ batch size ``B`` (``batch-size``):
   in expectation; steps per round ``local_epochs`` times that;
 - the sum of clipped gradients is divided by the expected batch size ``q n``.
 
+With ``calibrate-noise``, sigma is calibrated before each round to what the ledger has
+left for this round and the run's later rounds (:func:`resolve_noise_multiplier`).
 Before training, a private site computes the epsilon the round would reach from its
-ledger; if that exceeds its target it rejects the round with the reason and trains
-nothing. Steps are recorded in the ledger only after training succeeds.
+ledger; if that exceeds its target, or no sigma fits what is left, it rejects the round
+with the reason and trains nothing. Steps are recorded in the ledger only after
+training succeeds.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import Sequence
 from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
@@ -84,8 +88,7 @@ class RoundPlan:
 def plan_round(config: RunConfig, num_examples: int) -> RoundPlan:
     """Return the sampling plan of a round for a site with ``num_examples`` training images.
 
-    ``total_steps`` is the planned number of steps over all ``num-server-rounds`` rounds,
-    which noise calibration must use.
+    ``total_steps`` is the planned number of steps over all ``num-server-rounds`` rounds.
     """
     if num_examples < 1:
         raise ValueError(f"a site needs at least one training image, got {num_examples}")
@@ -101,16 +104,27 @@ def plan_round(config: RunConfig, num_examples: int) -> RoundPlan:
     )
 
 
-def resolve_noise_multiplier(config: RunConfig, plan: RoundPlan) -> float:
-    """Return sigma: ``noise-multiplier``, or calibrated to ``target-epsilon`` over all planned steps."""
+def resolve_noise_multiplier(
+    config: RunConfig, plan: RoundPlan, *, prior: Sequence[LedgerEntry] = (), server_round: int = 1
+) -> float:
+    """Return sigma: ``noise-multiplier``, or calibrated to ``target-epsilon``.
+
+    Calibrated, sigma is the smallest one with which this round and the run's later
+    rounds (up to ``num-server-rounds``), composed after the ``prior`` ledger entries,
+    stay within the target. On a fresh ledger in round 1 that is every planned step of
+    the run. Later rounds, and later runs on the same site folder, calibrate to what the
+    ledger has left. Raises ``ValueError`` when no sigma fits.
+    """
     if not config.calibrate_noise:
         return config.noise_multiplier
+    remaining_rounds = max(1, config.num_server_rounds - server_round + 1)
     return calibrate_noise_multiplier(
         target_epsilon=config.target_epsilon,
         delta=config.delta,
         sample_rate=plan.sample_rate,
-        steps=plan.total_steps,
+        steps=remaining_rounds * plan.steps,
         accountant=config.accountant,
+        prior=prior,
     )
 
 
@@ -150,8 +164,15 @@ def train_site(
         raise ValueError(f"method {config.method!r} is private and needs the site's PrivacyLedger")
     num_examples = len(dataset)
     plan = plan_round(config, num_examples)
-    sigma = resolve_noise_multiplier(config, plan) if config.private else 0.0
-    entries = _round_entries(config, plan, sigma, server_round)
+    sigma, calibration_failure = 0.0, None
+    if config.private:
+        try:
+            sigma = resolve_noise_multiplier(config, plan, prior=ledger.entries, server_round=server_round)
+        except ValueError as error:
+            if not ledger.entries:
+                raise  # the settings themselves admit no sigma
+            calibration_failure = f"no noise multiplier fits the rest of the budget: {error}"
+    entries = [] if calibration_failure else _round_entries(config, plan, sigma, server_round)
     clip_bound = config.max_grad_norm if max_grad_norm is None else float(max_grad_norm)
     device = torch.device(device)
     result = TrainResult(
@@ -162,10 +183,10 @@ def train_site(
         strategy=(strategy or "") if config.private else "",
     )
     if config.private:
-        if config.method == "adaptive":
+        if config.method == "adaptive" and not calibration_failure:
             adaptive_noise_multiplier(sigma, count_noise=config.adaptive_count_noise)
         result.epsilon = ledger.epsilon(config.accountant)
-        reason = ledger.check_budget(entries, accountant=config.accountant)
+        reason = calibration_failure or ledger.check_budget(entries, accountant=config.accountant)
         if reason is not None:
             logger.warning("site %d rejects round %d: %s", site, server_round, reason)
             result.refused = reason

@@ -99,6 +99,51 @@ def test_calibrated_sigma_uses_all_planned_steps():
     assert result.epsilon < 5.0
 
 
+def test_calibration_spends_what_the_ledger_has_left():
+    """Each round calibrates to the ledger's remaining budget: a used site folder trains, and the run ends at the target."""
+    target, rounds = 5.0, 3
+    ledger = PrivacyLedger(None, delta=1e-5, target_epsilon=target)
+    earlier = config(noise_multiplier=2.0, num_server_rounds=1, local_epochs=2)
+    train_site(tiny_model(), dataset(), earlier, ledger=ledger, server_round=1, site=0, generator_seed=0)
+    spent = ledger.epsilon()
+    cfg = config(calibrate_noise=True, target_epsilon=target, num_server_rounds=rounds, local_epochs=2)
+    sigmas = []
+    for server_round in range(1, rounds + 1):
+        prior = ledger.entries
+        result = train_site(tiny_model(), dataset(), cfg, ledger=ledger, server_round=server_round, site=0,
+                            generator_seed=server_round)
+        expected = calibrate_noise_multiplier(
+            target_epsilon=target, delta=1e-5, sample_rate=1 / 3, steps=(rounds - server_round + 1) * 2 * 3,
+            accountant="rdp", prior=prior,
+        )
+        assert result.refused is None
+        assert result.noise_multiplier == pytest.approx(expected)
+        sigmas.append(result.noise_multiplier)
+    fresh = calibrate_noise_multiplier(target_epsilon=target, delta=1e-5, sample_rate=1 / 3, steps=rounds * 2 * 3)
+    assert sigmas[0] > fresh  # the earlier run's spending leaves less for this one
+    final = compute_epsilon(ledger.entries, delta=1e-5, accountant="rdp")
+    assert final <= target
+    assert final > 0.97 * target  # calibration at 1% in sigma leaves little unused
+    assert spent < final
+
+
+def test_calibration_refuses_when_the_ledger_is_spent():
+    ledger = PrivacyLedger(None, delta=1e-5, target_epsilon=100.0)
+    train_site(tiny_model(), dataset(), config(noise_multiplier=0.3, local_epochs=3), ledger=ledger,
+               server_round=1, site=0, generator_seed=0)
+    spent = ledger.epsilon()
+    model = tiny_model()
+    before = weights(model)
+    cfg = config(calibrate_noise=True, target_epsilon=spent * 0.999)
+    result = train_site(model, dataset(), cfg, ledger=ledger, server_round=1, site=0, generator_seed=0)
+    assert result.refused.startswith("no noise multiplier fits the rest of the budget")
+    assert "the prior entries alone spend" in result.refused
+    assert result.steps == 0
+    assert result.entries == []
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(model)))
+    assert ledger.epsilon() == spent
+
+
 @pytest.mark.parametrize("server_round", [1, 2])
 def test_rs_round_follows_ramp_and_sparse_upload(server_round):
     model = tiny_model()
