@@ -272,6 +272,13 @@ def test_calibration_spent_prior_raises():
         )
 
 
+def test_calibration_log_counts_in_words(caplog):
+    prior = [LedgerEntry(2.0, 0.01, 100)]
+    with caplog.at_level("INFO", logger="common.privacy.accounting"):
+        calibrate_noise_multiplier(target_epsilon=8.0, delta=DELTA, sample_rate=0.01, steps=1, prior=prior)
+    assert "(rdp accountant, delta 1e-05, 1 step at sample_rate 0.01 after 1 prior entry)" in caplog.text
+
+
 def test_calibration_useless_target_raises():
     with pytest.raises(ValueError, match="bounds nothing useful"):
         calibrate_noise_multiplier(target_epsilon=1e4, delta=DELTA, sample_rate=0.01, steps=1)

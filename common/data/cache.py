@@ -49,6 +49,7 @@ from common.data.masks import box_mask, resample_mask, resize_image
 from common.data.records import LoadedDataset, Record, coerce_frame_dtypes, records_frame
 from common.data.report import LoadReport, check_failure_fraction, validate_failure_fraction
 from common.runtime import state_dir
+from common.text import counted
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +213,7 @@ def _build(
     bits = max((r.metadata.bits_stored or 8) for r in records)
     dtype = np.dtype(np.uint8 if bits <= 8 else np.uint16)
     log.info(
-        "building the %d px cache of %d images from %s in %s", image_size, len(records), root, entry
+        "building the %d px cache of %s from %s in %s", image_size, counted(len(records), "image"), root, entry
     )
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".tmp", dir=entry.parent))
     try:
@@ -348,7 +349,7 @@ def _reuse(entry: Path, max_failure_fraction: float) -> ImageCache:
         max_failure_fraction=max_failure_fraction,
         source=f"{meta['root']} (cache {entry})",
     )
-    log.info("reusing the %d px cache of %d images in %s", cache.image_size, len(cache), entry)
+    log.info("reusing the %d px cache of %s in %s", cache.image_size, counted(len(cache), "image"), entry)
     return cache
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from common.data import folder, rsna
 from common.data.records import LoadedDataset
 from common.data.report import validate_failure_fraction
+from common.text import counted
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +108,11 @@ def load_dataset(
             "image files sit where the layout expects them"
         )
     log.info(
-        "loaded %d images (%d positive) from %s (%s layout, %d issues)",
-        len(loaded.records),
+        "loaded %s (%d positive) from %s (%s layout, %s)",
+        counted(len(loaded.records), "image"),
         sum(r.target for r in loaded.records),
         root,
         layout,
-        len(loaded.report.issues),
+        counted(len(loaded.report.issues), "issue"),
     )
     return loaded

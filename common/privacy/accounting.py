@@ -39,6 +39,7 @@ import numbers
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 from common.config import ACCOUNTANTS, _check_range
+from common.text import counted
 
 if TYPE_CHECKING:
     from common.privacy.ledger import LedgerEntry
@@ -267,15 +268,15 @@ def calibrate_noise_multiplier(
             low = middle
     log.info(
         "calibrated noise_multiplier %.4f: epsilon %.4f <= target %g (%s accountant, delta %g, "
-        "%d steps at sample_rate %g after %d prior entries)",
+        "%s at sample_rate %g after %s)",
         high,
         epsilon_at(high),
         target_epsilon,
         accountant,
         delta,
-        steps,
+        counted(steps, "step"),
         sample_rate,
-        len(prior),
+        counted(len(prior), "prior entry", "prior entries"),
     )
     return high
 

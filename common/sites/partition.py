@@ -14,6 +14,7 @@ from common.sites.settings import ATTRIBUTES, HOLDOUT_SITE, HOLDOUT_SPLIT, SPLIT
 from common.sites.setups import SiteAssignment, assign_sites, scanner_styles
 from common.sites.splits import holdout_mask, split_site
 from common.sites.summary import check_min_site_size, guard_rail_warnings, summarize
+from common.text import counted
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,9 @@ def partition_records(frame: pd.DataFrame, settings: SiteSettings, *, source: st
     summary = summarize(manifest, expected_batch_size=settings.expected_batch_size, dominant=assignment.dominant)
     warnings = guard_rail_warnings(summary, settings)
     log.info(
-        "partitioned %d images of %d patients into %d sites (%s, seed %d), %d held out",
-        len(manifest), len(units), assignment.num_sites, settings.setup, settings.seed,
+        "partitioned %s of %s into %s (%s, seed %d), %d held out",
+        counted(len(manifest), "image"), counted(len(units), "patient"), counted(assignment.num_sites, "site"),
+        settings.setup, settings.seed,
         int(held_out.sum()),
     )
     return Partition(
