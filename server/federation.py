@@ -21,7 +21,7 @@ from common import federation as fed
 from common.config import RunConfig
 from common.privacy.sparse_upload import decode_update, round_mask, weight_shapes
 from common.results import STATUS_FAILED, STATUS_NOT_SAMPLED, STATUS_OK, STATUS_REFUSED
-from server.aggregate import weighted_average
+from server.aggregate import average_by_site
 from server.replies import TrainReply, parse_evaluate_replies, parse_train_replies
 from server.run_folder import RunFolder
 from server.tracker import SiteTracker
@@ -85,8 +85,8 @@ def run_federation(
         _track_privacy(tracker, train, server_round)
         accepted = [r for r in train if r.status == STATUS_OK]
         if accepted:
-            weights = weighted_average(
-                [r.weights for r in accepted], [r.num_examples for r in accepted]
+            weights = average_by_site(
+                [r.site for r in accepted], [r.weights for r in accepted], [r.num_examples for r in accepted]
             )
         evaluation = _evaluate_round(grid, config, server_round, weights, nodes, train, node_sites)
         seconds = time.monotonic() - started

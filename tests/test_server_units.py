@@ -5,7 +5,7 @@ import pytest
 
 from common.federation import WireEntry
 from common.results import ROUND_COLUMNS
-from server.aggregate import weighted_average
+from server.aggregate import average_by_site, weighted_average
 from server.run_folder import RunFolder
 
 
@@ -27,6 +27,19 @@ def test_weighted_average_rejects_mismatched_states():
         weighted_average([{"w": np.zeros(2)}, {"v": np.zeros(2)}], [1, 1])
     with pytest.raises(ValueError, match="positive sum"):
         weighted_average([{"w": np.zeros(2)}], [0])
+
+
+def test_average_by_site_ignores_reply_order():
+    # Three float32 weights whose float64 average rounds to another float32 when the
+    # second and third site are summed in the other order.
+    values = np.array([-0.47637674, 0.03601503, -0.051089294], dtype=np.float32)
+    states = [{"w": values[[site]]} for site in range(3)]
+    weights = [5.0, 7.0, 11.0]
+    in_order = weighted_average(states, weights)
+    swapped = weighted_average([states[0], states[2], states[1]], [weights[0], weights[2], weights[1]])
+    assert in_order["w"].tobytes() != swapped["w"].tobytes()
+    by_site = average_by_site([0, 2, 1], [states[0], states[2], states[1]], [weights[0], weights[2], weights[1]])
+    assert by_site["w"].tobytes() == in_order["w"].tobytes()
 
 
 def test_run_folder_rows_truncate_and_checkpoint(tmp_path):
