@@ -75,11 +75,11 @@ def run_federation(
             break
         started = time.monotonic()
         nodes = _wait_for_nodes(grid, config.num_sites if server_round == first_round else 1)
-        sampled = _sample(nodes, tracker.excluded_nodes(), config, server_round)
+        _learn_sites(grid, config, nodes, node_sites)
+        sampled = sample_nodes(nodes, tracker.excluded_nodes(), config, server_round, node_sites)
         if not sampled:
             stop_reason = "no site with privacy budget left is connected"
             break
-        _learn_sites(grid, config, nodes, node_sites)
         train = _train_round(grid, config, server_round, weights, sampled, node_sites)
         _check_some_site_answered(train, server_round, folder, last_round)
         _track_privacy(tracker, train, server_round)
@@ -148,8 +148,16 @@ def _wait_for_nodes(grid: Any, minimum: int) -> list[int]:
         time.sleep(2)
 
 
-def _sample(nodes: list[int], excluded: set[int], config: RunConfig, server_round: int) -> list[int]:
-    eligible = [n for n in nodes if n not in excluded]
+def sample_nodes(
+    nodes: list[int], excluded: set[int], config: RunConfig, server_round: int, node_sites: Mapping[int, int]
+) -> list[int]:
+    """Return the node ids to train this round: a seeded sample of the eligible sites.
+
+    Flower gives SuperNodes new random ids in every run, so the sample is drawn from the
+    eligible nodes ordered by their site id (unknown sites last): the same seed samples
+    the same sites in every run.
+    """
+    eligible = sorted((n for n in nodes if n not in excluded), key=lambda n: (n not in node_sites, node_sites.get(n, 0), n))
     if not eligible:
         return []
     count = max(1, round(config.fraction_train * len(eligible)))

@@ -42,6 +42,26 @@ def test_average_by_site_ignores_reply_order():
     assert by_site["w"].tobytes() == in_order["w"].tobytes()
 
 
+def test_sample_nodes_follows_sites_not_ids():
+    from common.config import RunConfig
+    from server.federation import sample_nodes
+
+    config = RunConfig(fraction_train=0.5, num_sites=6, seed=3)
+    first_ids = {101: 0, 202: 1, 303: 2, 404: 3, 505: 4, 606: 5}
+    second_ids = {9: 0, 5: 1, 7: 2, 3: 3, 1: 4, 8: 5}  # Flower draws new node ids each run
+    for server_round in (1, 2, 3):
+        sampled = [
+            sorted(ids[n] for n in sample_nodes(sorted(ids), set(), config, server_round, ids))
+            for ids in (first_ids, second_ids)
+        ]
+        assert len(sampled[0]) == 3
+        assert sampled[0] == sampled[1]
+    spent = {404}  # site 3's budget is spent
+    again = sample_nodes(list(first_ids), spent, config, 1, first_ids)
+    assert 404 not in again
+    assert len(again) == 2  # half of the 5 eligible sites, rounded
+
+
 def test_run_folder_rows_truncate_and_checkpoint(tmp_path):
     folder = RunFolder(tmp_path / "run")
     folder.append_rows([{"server_round": 1, "site": 0, "status": "ok", "epsilon": 1.5}])
