@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -22,7 +23,7 @@ from common import atomic
 from common import federation as fed
 from common.config import RunConfig
 from common.model import build_unet, plain_state_dict
-from common.privacy.ledger import PrivacyLedger
+from common.privacy.ledger import PrivacyLedger, site_round_lock
 from common.privacy.sparse_upload import (
     encode_update,
     mask_digest,
@@ -151,24 +152,26 @@ def train_round(
     data = load_site_data(setup, config)
     device = pick_device()
     model = _model_with(config, weights)
-    ledger = (
-        PrivacyLedger(setup.ledger_path, delta=config.delta, target_epsilon=config.target_epsilon)
-        if config.private
-        else None
-    )
-    result = train_site(
-        model,
-        data.train,
-        config,
-        ledger=ledger,
-        server_round=server_round,
-        site=setup.site,
-        device=device,
-        generator_seed=_simulation_seed(config, node_config, setup.site, server_round, ledger),
-        max_grad_norm=_read_clip_bound(setup) if config.method == "adaptive" else None,
-    )
-    if config.method == "adaptive" and not result.refused:
-        atomic.write_json(setup.site_dir / CLIP_BOUND_FILE, {"max_grad_norm": result.max_grad_norm})
+    with site_round_lock(setup.site_dir) if config.private else nullcontext():
+        # The ledger is read under the lock, so it contains every round recorded before this one.
+        ledger = (
+            PrivacyLedger(setup.ledger_path, delta=config.delta, target_epsilon=config.target_epsilon)
+            if config.private
+            else None
+        )
+        result = train_site(
+            model,
+            data.train,
+            config,
+            ledger=ledger,
+            server_round=server_round,
+            site=setup.site,
+            device=device,
+            generator_seed=_simulation_seed(config, node_config, setup.site, server_round, ledger),
+            max_grad_norm=_read_clip_bound(setup) if config.method == "adaptive" else None,
+        )
+        if config.method == "adaptive" and not result.refused:
+            atomic.write_json(setup.site_dir / CLIP_BOUND_FILE, {"max_grad_norm": result.max_grad_norm})
     entries = list(ledger.entries) if ledger is not None else []
     metrics: dict[str, Any] = {
         fed.SITE: setup.site,

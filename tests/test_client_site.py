@@ -91,6 +91,49 @@ def test_rerun_on_same_site_folder_draws_new_noise(tmp_path, site_data):
     assert len(differing) == len(start)
 
 
+def test_round_waits_for_another_process_on_the_site(tmp_path, site_data, caplog):
+    """A round started while another process trains the site reads the ledger after that round."""
+    import subprocess
+    import sys
+
+    from client.site import resolve_site, train_round
+    from common.privacy.accounting import calibrate_noise_multiplier
+    from common.privacy.ledger import LedgerEntry
+
+    config = _config(tmp_path, site_data, method="automatic", calibrate_noise=True, target_epsilon=5.0,
+                     num_server_rounds=1)
+    site_dir = resolve_site(config, {"partition-id": 1}).site_dir
+    other = LedgerEntry(noise_multiplier=1.5, sample_rate=0.5, steps=4, server_round=1, method="automatic")
+    # The other process holds the site's round lock, then records its round and exits.
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from common.privacy.ledger import LedgerEntry, PrivacyLedger, site_round_lock\n"
+        "folder = Path(sys.argv[1])\n"
+        "with site_round_lock(folder):\n"
+        "    print('locked', flush=True)\n"
+        "    time.sleep(3)\n"
+        "    ledger = PrivacyLedger(folder / 'privacy_ledger.json', delta=1e-5, target_epsilon=5.0)\n"
+        f"    ledger.record([LedgerEntry.from_dict({other.to_dict()!r})])\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script, str(site_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        reply = train_round(config, {"partition-id": 1}, _initial(config), server_round=1)
+    finally:
+        child.wait(timeout=60)
+    assert child.returncode == 0
+    assert "is in use by another process; waiting" in caplog.text
+    assert reply.metrics[fed.LEDGER_STEPS][0] == other.steps  # the other round comes first
+    assert len(reply.metrics[fed.LEDGER_STEPS]) == 2
+    expected = calibrate_noise_multiplier(
+        target_epsilon=5.0, delta=1e-5, sample_rate=reply.metrics["sample_rate"],
+        steps=reply.metrics["steps"], prior=[other],
+    )
+    assert reply.metrics["noise_multiplier"] == pytest.approx(expected)
+    assert reply.metrics["epsilon"] <= 5.0
+
+
 def test_only_nonprivate_reply_sends_train_loss(tmp_path, site_data):
     from client.site import train_round
 

@@ -392,3 +392,35 @@ def _folder_lock(folder: Path) -> Iterator[None]:
         yield
     finally:
         os.close(descriptor)
+
+
+ROUND_LOCK_FILE = ".round.lock"
+"""File in a site folder that :func:`site_round_lock` locks (it is empty)."""
+
+
+@contextmanager
+def site_round_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on a site folder for one round, from reading its ledger to recording.
+
+    Two processes training one site at once would each check the budget against the
+    ledger as it was before either recorded, so together they could pass the target.
+    A simulation seeded from the ledger would also draw the same noise twice. A second
+    process therefore waits here until the first has recorded its round. The lock is
+    on :data:`ROUND_LOCK_FILE`, because :meth:`PrivacyLedger.record` locks the folder
+    itself within the round.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(folder / ROUND_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning(
+                "site folder %s is in use by another process; waiting until its round is "
+                "recorded (run one process per site folder)",
+                folder,
+            )
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
