@@ -23,8 +23,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Sequence
 from dataclasses import dataclass
+from typing import Sequence
+
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
@@ -166,12 +167,7 @@ def train_site(
     plan = plan_round(config, num_examples)
     sigma, calibration_failure = 0.0, None
     if config.private:
-        try:
-            sigma = resolve_noise_multiplier(config, plan, prior=ledger.entries, server_round=server_round)
-        except ValueError as error:
-            if not ledger.entries:
-                raise  # the settings themselves admit no sigma
-            calibration_failure = f"no noise multiplier fits the rest of the budget: {error}"
+        sigma, calibration_failure = _sigma_for_ledger(config, plan, ledger, server_round)
     entries = [] if calibration_failure else _round_entries(config, plan, sigma, server_round)
     clip_bound = config.max_grad_norm if max_grad_norm is None else float(max_grad_norm)
     device = torch.device(device)
@@ -205,6 +201,23 @@ def train_site(
         result.epsilon = ledger.epsilon(config.accountant)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _sigma_for_ledger(
+    config: RunConfig, plan: RoundPlan, ledger: PrivacyLedger, server_round: int
+) -> tuple[float, str | None]:
+    """Return ``(sigma, None)``, or ``(0, reason)`` when the ledger's spending leaves no sigma that fits.
+
+    Raises ``ValueError`` when the settings admit no sigma even on a fresh ledger (a
+    target too small to reach, or so large that it bounds nothing).
+    """
+    try:
+        return resolve_noise_multiplier(config, plan, prior=ledger.entries, server_round=server_round), None
+    except ValueError as error:
+        if not ledger.entries:
+            raise
+        resolve_noise_multiplier(config, plan, server_round=server_round)  # raises for the settings alone
+        return 0.0, f"no noise multiplier fits the rest of the budget: {error}"
 
 
 def _round_entries(config: RunConfig, plan: RoundPlan, sigma: float, server_round: int) -> list[LedgerEntry]:

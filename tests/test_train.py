@@ -99,7 +99,7 @@ def test_calibrated_sigma_uses_all_planned_steps():
     assert result.epsilon < 5.0
 
 
-def test_calibration_spends_what_the_ledger_has_left():
+def test_calibration_spends_ledger_remainder():
     """Each round calibrates to the ledger's remaining budget: a used site folder trains, and the run ends at the target."""
     target, rounds = 5.0, 3
     ledger = PrivacyLedger(None, delta=1e-5, target_epsilon=target)
@@ -127,7 +127,7 @@ def test_calibration_spends_what_the_ledger_has_left():
     assert spent < final
 
 
-def test_calibration_refuses_when_the_ledger_is_spent():
+def test_calibration_rejects_spent_ledger():
     ledger = PrivacyLedger(None, delta=1e-5, target_epsilon=100.0)
     train_site(tiny_model(), dataset(), config(noise_multiplier=0.3, local_epochs=3), ledger=ledger,
                server_round=1, site=0, generator_seed=0)
@@ -142,6 +142,15 @@ def test_calibration_refuses_when_the_ledger_is_spent():
     assert result.entries == []
     assert all(torch.equal(a, b) for a, b in zip(before, weights(model)))
     assert ledger.epsilon() == spent
+
+
+def test_calibration_settings_error_with_prior():
+    """A target that bounds nothing is a settings error, also on a ledger with entries."""
+    ledger = PrivacyLedger(None, delta=1e-5, target_epsilon=1e4)
+    train_site(tiny_model(), dataset(), config(), ledger=ledger, server_round=1, site=0, generator_seed=0)
+    cfg = config(calibrate_noise=True, target_epsilon=1e4)
+    with pytest.raises(ValueError, match="bounds nothing useful"):
+        train_site(tiny_model(), dataset(), cfg, ledger=ledger, server_round=2, site=0, generator_seed=0)
 
 
 @pytest.mark.parametrize("server_round", [1, 2])
