@@ -6,7 +6,7 @@ Nothing here imports Flower types, ``client``, ``server`` or ``simulations``.
 import os
 
 # Intel MKL (torch's BLAS on x86) picks code paths by the memory alignment of each call's
-# buffers. On an Intel Xeon, 4 of 9 repeats of one seeded site round therefore differed
-# in the last bits. Conditional numerical reproducibility fixes the path. MKL reads the variable at its first call, so
-# it is set on import, before any training; a value the user set is kept.
+# buffers, so 4 of 9 repeats of one seeded site round on an Intel Xeon differed in the
+# last bits. Conditional numerical reproducibility fixes the path. MKL reads the variable
+# at its first call, so it is set on import, before any training. A user's value is kept.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")

@@ -157,7 +157,10 @@ def sample_nodes(
     eligible nodes ordered by their site id (unknown sites last): the same seed samples
     the same sites in every run.
     """
-    eligible = sorted((n for n in nodes if n not in excluded), key=lambda n: (n not in node_sites, node_sites.get(n, 0), n))
+    def site_order(node: int) -> tuple[bool, int, int]:
+        return node not in node_sites, node_sites.get(node, 0), node
+
+    eligible = sorted((n for n in nodes if n not in excluded), key=site_order)
     if not eligible:
         return []
     count = max(1, round(config.fraction_train * len(eligible)))

@@ -91,7 +91,7 @@ def test_rerun_on_same_site_folder_draws_new_noise(tmp_path, site_data):
     assert len(differing) == len(start)
 
 
-def test_round_waits_for_another_process_on_the_site(tmp_path, site_data, caplog):
+def test_round_waits_for_other_process(tmp_path, site_data, caplog):
     """A round started while another process trains the site reads the ledger after that round."""
     import subprocess
     import sys
