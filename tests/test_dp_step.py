@@ -115,6 +115,26 @@ def test_strategy_equals_single_example_loop(name, budget, rate, model, batch, r
     assert relative_error(out, expected) < EXACT
 
 
+@pytest.mark.parametrize(
+    "name, budget", STRATEGY_VARIANTS,
+    ids=[name if budget is None else f"{name}-budget-{budget}" for name, budget in STRATEGY_VARIANTS],
+)
+@pytest.mark.parametrize("rate", [0.5, 0.9])
+def test_clipped_sum_is_zero_where_masked(name, budget, rate, model, batch):
+    """The step adds no noise at masked coordinates, so a strategy must leave them exactly 0.
+
+    Rate 0.9 takes the sampled product and the selected kept coordinates, rate 0.5 the
+    zeroing in place, and budget 0 the recomputed weight gradient.
+    """
+    mask = draw_mask([p.shape for p in model.parameters()], rate=rate, generator=torch.Generator().manual_seed(6))
+    strategy = None if budget is None else GhostStrategy(model, dice_bce_loss, memory_budget=budget)
+    clip = lambda norms: flat_clip_factor(norms, max_grad_norm=0.3)  # noqa: E731
+    out, _ = clipped_sum(name, model, batch, clip, mask, strategy=strategy)
+    if strategy is not None:
+        strategy.close()
+    assert sum(int(torch.count_nonzero(g[~k])) for g, k in zip(out, mask.kept)) == 0
+
+
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_flat_contribution_norm_at_most_clip(name, model, batch, reference):
     images, targets = batch

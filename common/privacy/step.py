@@ -162,13 +162,14 @@ class DPStep:
         with torch.no_grad():
             # The clip factors carry the division by B, and the noise is drawn with
             # std sigma C / B, so no pass divides the sum. Under RS only the kept
-            # coordinates get noise.
+            # coordinates get noise. Every strategy leaves the masked coordinates 0
+            # (tested for each kernel path), so the sums are not masked again here: a
+            # pass over all d coordinates cost about 18 ms, 4% of a 128 px step.
             std = self.gradient_noise_multiplier * bound * scale
             if mask is None:
                 self.source.add_normal_(sums, std=std)
             else:
                 self.source.add_normal_at_(sums, self._kept_index, std=std)
-                mask.apply_(sums)  # a safeguard, since no strategy writes to masked coordinates
         for param, grad in zip(self.params, sums):
             param.grad = grad
         if self.pieces.clipping == "adaptive":
