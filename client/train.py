@@ -179,8 +179,6 @@ def train_site(
         strategy=(strategy or "") if config.private else "",
     )
     if config.private:
-        if config.method == "adaptive" and not calibration_failure:
-            adaptive_noise_multiplier(sigma, count_noise=config.adaptive_count_noise)
         result.epsilon = ledger.epsilon(config.accountant)
         reason = calibration_failure or ledger.check_budget(entries, accountant=config.accountant)
         if reason is not None:
@@ -209,15 +207,30 @@ def _sigma_for_ledger(
     """Return ``(sigma, None)``, or ``(0, reason)`` when the ledger's spending leaves no sigma that fits.
 
     Raises ``ValueError`` when the settings admit no sigma even on a fresh ledger (a
-    target too small to reach, or so large that it bounds nothing).
+    target too small to reach, or so large that it bounds nothing, or a sigma adaptive
+    clipping cannot split with its count query).
     """
     try:
-        return resolve_noise_multiplier(config, plan, prior=ledger.entries, server_round=server_round), None
+        return _usable_sigma(config, plan, prior=ledger.entries, server_round=server_round), None
     except ValueError as error:
         if not ledger.entries:
             raise
-        resolve_noise_multiplier(config, plan, server_round=server_round)  # raises for the settings alone
+        _usable_sigma(config, plan, prior=(), server_round=server_round)  # raises for the settings alone
         return 0.0, f"no noise multiplier fits the rest of the budget: {error}"
+
+
+def _usable_sigma(
+    config: RunConfig, plan: RoundPlan, *, prior: Sequence[LedgerEntry], server_round: int
+) -> float:
+    """Return :func:`resolve_noise_multiplier`'s sigma after checking that the method can use it.
+
+    Calibrated to a small remaining budget, sigma can reach twice ``adaptive-count-noise``,
+    where adaptive clipping leaves no noise for the gradient.
+    """
+    sigma = resolve_noise_multiplier(config, plan, prior=prior, server_round=server_round)
+    if config.method == "adaptive":
+        adaptive_noise_multiplier(sigma, count_noise=config.adaptive_count_noise)
+    return sigma
 
 
 def _round_entries(config: RunConfig, plan: RoundPlan, sigma: float, server_round: int) -> list[LedgerEntry]:

@@ -153,6 +153,26 @@ def test_calibration_settings_error_with_prior():
         train_site(tiny_model(), dataset(), cfg, ledger=ledger, server_round=2, site=0, generator_seed=0)
 
 
+def test_adaptive_calibration_rejects_spent_ledger():
+    """Calibrated to what a spent ledger leaves, sigma passes 2 x count noise: a rejection, not an error."""
+    ledger = PrivacyLedger(None, delta=1e-5, target_epsilon=4.0)
+    train_site(tiny_model(), dataset(), config(noise_multiplier=1.2), ledger=ledger, server_round=1, site=0,
+               generator_seed=0)
+    cfg = config(method="adaptive", calibrate_noise=True, target_epsilon=4.0, adaptive_count_noise=1.5)
+    fresh = calibrate_noise_multiplier(target_epsilon=4.0, delta=1e-5, sample_rate=1 / 3, steps=2 * 3)
+    remainder = calibrate_noise_multiplier(
+        target_epsilon=4.0, delta=1e-5, sample_rate=1 / 3, steps=3, prior=ledger.entries
+    )
+    assert fresh < 2 * 1.5 <= remainder  # the settings alone fit; the ledger's remainder does not
+    model = tiny_model()
+    before = weights(model)
+    result = train_site(model, dataset(), cfg, ledger=ledger, server_round=2, site=0, generator_seed=0)
+    assert result.refused.startswith("no noise multiplier fits the rest of the budget")
+    assert "noise_multiplier < 2 * adaptive-count-noise" in result.refused
+    assert result.entries == []
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(model)))
+
+
 @pytest.mark.parametrize("server_round", [1, 2])
 def test_rs_round_follows_ramp_and_sparse_upload(server_round):
     model = tiny_model()
