@@ -155,7 +155,10 @@ def train_round(
     with site_round_lock(setup.site_dir) if config.private else nullcontext():
         # The ledger is read under the lock, so it contains every round recorded before this one.
         ledger = (
-            PrivacyLedger(setup.ledger_path, delta=config.delta, target_epsilon=config.target_epsilon)
+            PrivacyLedger(
+                setup.ledger_path, delta=config.delta, target_epsilon=config.target_epsilon,
+                accountant=config.accountant,
+            )
             if config.private
             else None
         )

@@ -213,6 +213,17 @@ def test_site_refuses_round_past_budget(tmp_path, site_data):
     assert ledger.entries == ()
 
 
+def test_site_keeps_its_budget_accountant(tmp_path, site_data):
+    """A later run on the site folder cannot check the same target under another accountant."""
+    from client.site import train_round
+
+    config = _config(tmp_path, site_data, method="flat")
+    start = _initial(config)
+    assert train_round(config, {"partition-id": 0}, start, server_round=1).info[fed.INFO_STATUS] == "ok"
+    with pytest.raises(ValueError, match="under the rdp accountant, but the pld accountant was requested"):
+        train_round(config.replace(accountant="pld"), {"partition-id": 0}, start, server_round=2)
+
+
 def test_each_message_model_is_a_fresh_copy(tmp_path, site_data):
     """Messages start from copies of one checked U-Net, each loaded with the given weights."""
     from client.site import _model_with, _unet_template

@@ -123,9 +123,9 @@ def test_check_budget_uses_requested_accountant():
     entries = [LedgerEntry(1.0, 0.01, 1000)]
     rdp = compute_epsilon(entries, delta=DELTA, accountant="rdp")
     prv = compute_epsilon(entries, delta=DELTA, accountant="prv")
-    ledger = PrivacyLedger(None, delta=DELTA, target_epsilon=(rdp + prv) / 2)
-    assert ledger.check_budget(entries, accountant="prv") is None
-    reason = ledger.check_budget(entries, accountant="rdp")
+    target = (rdp + prv) / 2
+    assert PrivacyLedger(None, delta=DELTA, target_epsilon=target).check_budget(entries, accountant="prv") is None
+    reason = PrivacyLedger(None, delta=DELTA, target_epsilon=target).check_budget(entries, accountant="rdp")
     assert reason is not None and "rdp accountant" in reason
 
 
@@ -304,6 +304,37 @@ def test_target_handling_on_reopen(tmp_path):
     assert PrivacyLedger(open_ended, delta=DELTA, target_epsilon=4.0).target_epsilon == 4.0
 
 
+def test_first_check_fixes_accountant(tmp_path):
+    """Switching accountants between runs could pass the target under the first one: rejected."""
+    path = tmp_path / "ledger.json"
+    ledger = PrivacyLedger(path, delta=DELTA, target_epsilon=8.0)
+    assert ledger.check_budget([round_entry(1)], accountant="pld") is None
+    ledger.record([round_entry(1)])
+    assert json.loads(path.read_text())["accountant"] == "pld"
+    assert PrivacyLedger(path, delta=DELTA).budget_accountant == "pld"
+    with pytest.raises(ValueError, match="under the pld accountant, but the rdp accountant was requested"):
+        PrivacyLedger(path, delta=DELTA, accountant="rdp")
+    with pytest.raises(ValueError, match="use accountant pld for this site"):
+        PrivacyLedger(path, delta=DELTA).check_budget([round_entry(2)], accountant="rdp")
+    assert PrivacyLedger(path, delta=DELTA).epsilon("rdp") > 0  # reporting under another accountant stays open
+
+
+def test_accountant_of_older_or_open_ledger(tmp_path):
+    """A file without the field takes its next check's accountant; without a target nothing is fixed."""
+    path = tmp_path / "ledger.json"
+    PrivacyLedger(path, delta=DELTA, target_epsilon=8.0).record([round_entry(1)])
+    data = json.loads(path.read_text())
+    assert data.pop("accountant") is None  # recorded before any check
+    path.write_text(json.dumps(data))
+    ledger = PrivacyLedger(path, delta=DELTA, accountant="prv")
+    assert ledger.check_budget([round_entry(2)], accountant="prv") is None
+    ledger.record([round_entry(2)])
+    assert PrivacyLedger(path, delta=DELTA).budget_accountant == "prv"
+    open_ended = PrivacyLedger(tmp_path / "open.json", delta=DELTA)
+    assert open_ended.check_budget([round_entry(1)], accountant="pld") is None
+    assert open_ended.budget_accountant is None
+
+
 @pytest.mark.parametrize(
     "content, message",
     [
@@ -324,6 +355,11 @@ def test_target_handling_on_reopen(tmp_path):
             '{"format": "dpfedseg-privacy-ledger", "format_version": 1, "delta": 1e-5, '
             '"target_epsilon": null, "entries": {}}',
             "'entries' must be a list",
+        ),
+        (
+            '{"format": "dpfedseg-privacy-ledger", "format_version": 1, "delta": 1e-5, '
+            '"target_epsilon": 8.0, "accountant": "gdp", "entries": []}',
+            "'accountant' must be one of rdp, prv, pld or null, got 'gdp'",
         ),
         (
             '{"format": "dpfedseg-privacy-ledger", "format_version": 1, "delta": 1e-5, '

@@ -9,8 +9,14 @@ The file is JSON, written atomically (:mod:`common.atomic`) under an exclusive l
 folder, so a reader sees the old ledger or the new one, never half of one::
 
     {"format": "dpfedseg-privacy-ledger", "format_version": 1, "delta": 1e-05,
-     "target_epsilon": 8.0, "entries": [{"noise_multiplier": 1.0, "sample_rate": 0.01,
-     "steps": 100, "server_round": 1, "method": "rs"}, ...]}
+     "target_epsilon": 8.0, "accountant": "rdp", "entries": [{"noise_multiplier": 1.0,
+     "sample_rate": 0.01, "steps": 100, "server_round": 1, "method": "rs"}, ...]}
+
+``accountant`` is the accountant the target is enforced under, fixed by the first budget
+check. The accountants give different epsilons for the same entries (RDP's about 11%
+above PLD's for 300 steps at q 0.05, sigma 1), so switching between runs could let the
+composed epsilon pass the target under the first one. Files without it (written before
+it existed) take the accountant of their next check.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from common.atomic import write_json
 from common.config import METHODS
-from common.privacy.accounting import check_accountant, check_delta, compute_epsilon
+from common.privacy.accounting import ACCOUNTANTS, check_accountant, check_delta, compute_epsilon
 
 log = logging.getLogger(__name__)
 
@@ -158,10 +164,18 @@ class PrivacyLedger:
         target_epsilon: the hard budget :meth:`check_budget` enforces. None takes the one
             stored in the file, or sets no budget. A value different from the stored
             one is an error, so a rerun cannot silently raise a site's budget.
+        accountant: the accountant the budget will be checked under. One different from
+            the accountant stored in the file is an error, as for the target; None
+            checks nothing here (:meth:`check_budget` still does).
     """
 
     def __init__(
-        self, path: str | os.PathLike | None, *, delta: float, target_epsilon: float | None = None
+        self,
+        path: str | os.PathLike | None,
+        *,
+        delta: float,
+        target_epsilon: float | None = None,
+        accountant: str | None = None,
     ) -> None:
         check_delta(delta)
         if target_epsilon is not None and not target_epsilon > 0:
@@ -169,14 +183,19 @@ class PrivacyLedger:
         self._path = None if path is None else Path(path)
         self._delta = float(delta)
         self._target_epsilon = None if target_epsilon is None else float(target_epsilon)
+        self._budget_accountant: str | None = None
         self._entries: tuple[LedgerEntry, ...] = ()
         self._epsilon_cache: dict[str, float] = {}
         stored = None if self._path is None else _read_ledger(self._path)
         if stored is not None:
             self._check_stored_delta(stored["delta"])
             self._target_epsilon = self._resolve_target(stored["target_epsilon"])
+            self._budget_accountant = stored["accountant"]
             self._entries = stored["entries"]
             log.debug("loaded privacy ledger %s with %d entries", self._path, len(self._entries))
+        if accountant is not None:
+            check_accountant(accountant)
+            self._check_budget_accountant(accountant)
 
     @property
     def path(self) -> Path | None:
@@ -192,6 +211,11 @@ class PrivacyLedger:
     def target_epsilon(self) -> float | None:
         """The epsilon budget, or None when the ledger never rejects a round."""
         return self._target_epsilon
+
+    @property
+    def budget_accountant(self) -> str | None:
+        """The accountant the target is enforced under; None before the first budget check."""
+        return self._budget_accountant
 
     @property
     def entries(self) -> tuple[LedgerEntry, ...]:
@@ -216,11 +240,15 @@ class PrivacyLedger:
 
         The reason states the current epsilon, the epsilon the planned steps would reach,
         the target, the accountant and delta. Call it before training a round, and train
-        only when it returns None. A ledger without target never rejects.
+        only when it returns None. A ledger without target never rejects. The first check
+        fixes the ledger's :attr:`budget_accountant` (stored by the next :meth:`record`);
+        a check under another accountant raises ``ValueError``.
         """
         check_accountant(accountant)
         if self._target_epsilon is None:
             return None
+        self._check_budget_accountant(accountant)
+        self._budget_accountant = accountant
         reached = self.epsilon(accountant, extra=planned)
         if reached <= self._target_epsilon:
             return None
@@ -258,6 +286,8 @@ class PrivacyLedger:
                     len(self._entries),
                 )
             on_disk = self._entries if stored is None else self._reconcile(stored)
+            if stored is not None and self._budget_accountant is None:
+                self._budget_accountant = stored["accountant"]
             merged = on_disk + new
             write_json(self._path, self._payload(merged))
         self._set_entries(merged)
@@ -291,6 +321,7 @@ class PrivacyLedger:
             "format_version": LEDGER_FORMAT_VERSION,
             "delta": self._delta,
             "target_epsilon": self._target_epsilon,
+            "accountant": self._budget_accountant,
             "entries": [entry.to_dict() for entry in entries],
         }
 
@@ -300,6 +331,15 @@ class PrivacyLedger:
                 f"privacy ledger {self._path} was written with delta {stored_delta!r}, but "
                 f"delta {self._delta!r} was requested; epsilons at different deltas do not "
                 f"compose, so use delta {stored_delta!r} for this site"
+            )
+
+    def _check_budget_accountant(self, accountant: str) -> None:
+        pinned = self._budget_accountant
+        if pinned is not None and pinned != accountant and self._target_epsilon is not None:
+            raise ValueError(
+                f"privacy ledger {self._path} enforces target epsilon {self._target_epsilon:g} "
+                f"under the {pinned} accountant, but the {accountant} accountant was requested; "
+                f"use accountant {pinned} for this site, or keep a new site's ledger in another folder"
             )
 
     def _resolve_target(self, stored_target: float | None) -> float | None:
@@ -356,6 +396,9 @@ def _parse_contents(data: dict[str, Any]) -> dict[str, Any]:
         isinstance(target, bool) or not isinstance(target, (int, float)) or not target > 0
     ):
         raise ValueError(f"'target_epsilon' must be a positive number or null, got {target!r}")
+    accountant = data.get("accountant")
+    if accountant is not None and accountant not in ACCOUNTANTS:
+        raise ValueError(f"'accountant' must be one of {', '.join(ACCOUNTANTS)} or null, got {accountant!r}")
     raw_entries = data.get("entries")
     if not isinstance(raw_entries, list):
         raise ValueError(f"'entries' must be a list, got {raw_entries!r}")
@@ -368,6 +411,7 @@ def _parse_contents(data: dict[str, Any]) -> dict[str, Any]:
     return {
         "delta": float(delta),
         "target_epsilon": None if target is None else float(target),
+        "accountant": accountant,
         "entries": tuple(entries),
     }
 
