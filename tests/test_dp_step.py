@@ -244,7 +244,13 @@ def _check_books(layer, inputs, weights, grads, factors, param_masks) -> None:
         assert torch.allclose(book.squared, expected_sq, rtol=EXACT, atol=0)
         assert (book.a is None) == all(v is not None for v in book.values)
         ghost = param_masks[0] is None and conv_grads.ghost_is_cheaper(layer, inputs, weights)
-        assert (book.values[0] is None) == (ghost or allowance == 0)
+        masked_ghost = (
+            param_masks[0] is not None
+            and isinstance(layer, torch.nn.Conv2d)
+            and layer.groups == 1
+            and weights[0, 0].numel() <= conv_grads.MASKED_GHOST_MAX_POSITIONS
+        )
+        assert (book.values[0] is None) == (ghost or masked_ghost or allowance == 0)
         out = layer_grads.weighted_sums(layer, book, factors, param_masks)
         for got, expected in zip(out, expected_sums):
             assert torch.allclose(got, expected, rtol=EXACT, atol=1e-12)
@@ -270,6 +276,32 @@ def test_conv_ghost_norm_from_pixel_gram(conv, size):
     weights, grads = layer_reference(conv, inputs)
     expected = torch.stack([per[0].pow(2).sum() for per in grads])
     got = conv_grads.ghost_squared_norms(conv, inputs, weights)
+    assert torch.allclose(got, expected, rtol=EXACT, atol=0)
+
+
+@pytest.mark.parametrize(
+    "conv, size",
+    [
+        (torch.nn.Conv2d(3, 4, 3, padding=1), 2),  # masked ghost norm, 4 positions
+        (torch.nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(2, 0), dilation=(2, 1)), 3),  # 3 positions
+        (torch.nn.Conv2d(3, 2, 1), 1),  # 1 position
+        (torch.nn.Conv2d(3, 4, 3, stride=2, padding=1), 7),  # per example, unfolded (16 positions)
+        (torch.nn.Conv2d(2, 3, 3, padding=1), 16),  # per example, one convolution each (256 positions)
+        (torch.nn.Conv2d(4, 6, 3, padding=1, groups=2), 2),  # conv groups: per example
+    ],
+    ids=["ghost-3x3", "ghost-dilated-rectangular", "ghost-1x1", "unfold-stride-2", "convolution", "groups"],
+)
+def test_conv_masked_norms(conv, size):
+    """Squared norms of the masked per-sample weight gradients, without keeping them."""
+    from common.privacy import conv_grads
+
+    torch.manual_seed(0)
+    conv = conv.double()
+    inputs = torch.randn(3, conv.in_channels, size, size, dtype=torch.float64)
+    weights, grads = layer_reference(conv, inputs)
+    dropped = torch.rand(conv.weight.shape, generator=torch.Generator().manual_seed(1)) < 0.6
+    expected = torch.stack([per[0].masked_fill(dropped, 0.0).pow(2).sum() for per in grads])
+    got = conv_grads.masked_squared_norms(conv, inputs, weights, dropped)
     assert torch.allclose(got, expected, rtol=EXACT, atol=0)
 
 
@@ -342,6 +374,27 @@ def test_mask_coordinates_equally_likely(rate):
     share = num_zeroed(rate, 50) / 50
     assert float((counts / 2000 - share).abs().max()) < 0.05
     assert float(counts.sum()) == 2000 * num_zeroed(rate, 50)
+
+
+def test_mask_drawn_in_blocks_is_uniform(monkeypatch):
+    """Drawn block by block, every subset of floor(p d) zeroed coordinates is equally likely.
+
+    d = 6 in blocks of 4 and 2, 3 zeroed: 20 subsets, 200 expected draws each out of 4000.
+    A chi-square statistic above 50 (19 degrees of freedom) has probability 1.3e-4 for a
+    uniform draw. A draw that split the count in proportion to the block sizes would never
+    yield 8 of the subsets.
+    """
+    from common.privacy import sparsify
+
+    monkeypatch.setattr(sparsify, "_MASK_BLOCK", 4)
+    generator = torch.Generator().manual_seed(11)
+    seen: dict[tuple[bool, ...], int] = {}
+    for _ in range(4000):
+        mask = draw_mask([torch.Size([6])], rate=0.5, generator=generator)
+        key = tuple(mask.kept[0].tolist())
+        seen[key] = seen.get(key, 0) + 1
+    assert len(seen) == math.comb(6, 3)
+    assert sum((count - 200) ** 2 / 200 for count in seen.values()) < 50
 
 
 def test_mask_depends_only_on_seed():

@@ -4,8 +4,10 @@ Per-sample weight gradients of a convolution come from one of three kernels, whi
 :func:`conv_method` picks. Where :func:`ghost_is_cheaper`, their squared norms come from
 the ghost norm (:func:`ghost_squared_norms`) instead. Under an RS mask, where
 :func:`sampling_pays`, a sampled sparse product computes the kept coordinates only
-(:func:`sampled_weight`). Every choice was measured on the ResNet34 U-Net's
-layer shapes at batch 8, on a 2-core AMD EPYC (BENCHMARKS.md).
+(:func:`sampled_weight`), and where the per-sample gradients would not be kept, the
+masked norms come without them (:func:`masked_squared_norms`). The kernel rules were
+measured on the ResNet34 U-Net's layer shapes at batch 8, on a 2-core AMD EPYC, and the
+masked norms on the ResNet18 U-Net's at 64 px on a 2-core Intel Xeon (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common.privacy.sparsify import keep_factors
+
 # Thresholds of conv_method and ghost_is_cheaper, from the measurements their docstrings cite.
 _UNFOLD_MAX_POSITIONS = 256
 _GROUPED_MAX_FAN_IN = 1152
 _LOOP_MIN_POSITIONS = 4096
 _GHOST_MAX_COST_FRACTION = 0.25
+MASKED_GHOST_MAX_POSITIONS = 4
 
 
 def csr_pattern(dropped: Tensor, kept_index: Tensor) -> tuple[Tensor, Tensor]:
@@ -187,3 +192,61 @@ def ghost_squared_norms(module: nn.Conv2d, a: Tensor, b: Tensor) -> Tensor:
     outputs = b.flatten(2)
     gram_b = torch.bmm(outputs.transpose(1, 2), outputs)
     return (gram_a.reshape_as(gram_b) * gram_b).sum((1, 2), dtype=torch.float64)
+
+
+def masked_squared_norms(module: nn.Conv2d, a: Tensor, b: Tensor, dropped: Tensor) -> Tensor:
+    """Return ``||m * g_i||^2`` per example for the weight of ``module``, RS mask ``m = ~dropped``.
+
+    Neither kernel materialises the batch's per-sample gradients, ``B`` times the weight's
+    size, which at low resolution is far more memory than the activations, so writing and
+    reading them bounds the time. At most 4 output positions (``groups == 1``), a masked
+    ghost norm: 3.0 ms against 20 to 25 ms for the dense or sampled per-sample gradients
+    of a 512-channel 2 x 2 layer (batch 8, rate 0.45 or 0.9). Otherwise one example's
+    gradient at a time, masked and normed while it is in cache: 6.2 ms against 21 ms for
+    768 to 256 channels at 4 x 4 (rate 0.45). Both measured on a 2-core Intel Xeon.
+    """
+    positions = b.shape[2] * b.shape[3]
+    if module.groups == 1 and positions <= MASKED_GHOST_MAX_POSITIONS:
+        return _masked_ghost_norms(module, a, b, dropped)
+    keep = keep_factors(dropped, a.dtype)
+    squared = []
+    for grad in _per_example_grads(module, a, b):
+        squared.append(torch.linalg.vector_norm(grad.mul_(keep)))
+    # As for the other per-sample norms: taken in the gradients' precision, squared in float64.
+    return torch.stack(squared).to(torch.float64).square()
+
+
+def _masked_ghost_norms(module: nn.Conv2d, a: Tensor, b: Tensor, dropped: Tensor) -> Tensor:
+    """Return the masked squared norms from products of output positions, without per-sample gradients.
+
+    With ``A_i`` the unfolded input (``D x T``) and ``B_i`` the output gradient
+    (``p x T``), ``||m * B_i A_i^T||^2 = sum_o sum_{t, u} B_i[o, t] B_i[o, u] M_i[o, (t, u)]``
+    for ``M_i = m (A_i[:, t] * A_i[:, u])``: one product of the mask (``p x D``) with the
+    ``T (T + 1) / 2`` position pairs of every example. It costs ``(T + 1) / 2`` times the
+    multiply-adds of the per-sample gradients but writes ``p T^2`` values per example
+    instead of ``p D``, so it pays for few positions ``T``.
+    """
+    batch, out_channels = b.shape[:2]
+    patches = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)
+    positions = patches.shape[2]
+    first, second = torch.triu_indices(positions, positions, device=a.device)
+    input_pairs = (patches[:, :, first] * patches[:, :, second]).transpose(0, 1).reshape(patches.shape[1], -1)
+    keep = keep_factors(dropped, a.dtype).view(out_channels, -1)
+    kept_pairs = (keep @ input_pairs).view(out_channels, batch, -1).transpose(0, 1)
+    outputs = b.flatten(2)
+    # Each pair t < u stands for both orders.
+    order = torch.where(first == second, 1.0, 2.0).to(device=a.device, dtype=a.dtype)
+    output_pairs = outputs[:, :, first] * outputs[:, :, second] * order
+    return (kept_pairs * output_pairs).sum((1, 2), dtype=torch.float64)
+
+
+def _per_example_grads(module: nn.Conv2d, a: Tensor, b: Tensor):
+    """Yield each example's weight gradient of ``module``, shaped like the weight."""
+    if conv_method(module, b.shape[2] * b.shape[3]) != "unfold":
+        for i in range(a.shape[0]):
+            yield weight_grad(module, a[i : i + 1], b[i : i + 1], module.weight, module.groups)
+        return
+    patches = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)
+    outputs = b.flatten(2)
+    for i in range(a.shape[0]):
+        yield torch.mm(outputs[i], patches[i].T).view(module.weight.shape)

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from common.privacy import conv_grads
+from common.privacy.sparsify import keep_factors
 
 SUPPORTED_LAYERS = (nn.Conv2d, nn.GroupNorm, nn.Linear)
 _SELECT_MAX_SHARE = 0.25  # of a parameter's coordinates kept, see _flat_values
@@ -133,6 +134,9 @@ def book_layer(
         # The per-sample gradients would not be kept: a ghost norm costing less than
         # materialising them only to throw them away.
         return _ghost_book(module, a, b, masks)
+    if masks[0] is not None and _masked_norms_pay(module, b, masks[0], allowance):
+        squared = conv_grads.masked_squared_norms(module, a, b, masks[0].dropped)
+        return _norms_only_book(module, a, b, masks, squared)
     values = _kept_values(module, a, b, masks, stats)
     squared = sum(_squared_norms(v) for v in values)
     if sum(_rows_numel(v) for v in values) <= allowance:
@@ -171,8 +175,37 @@ def _with_conv_bias(module: nn.Conv2d, b: Tensor, masks: Sequence[ParamMask | No
     return [weight, _flat_values(_conv_bias_grads(b), masks[1])]
 
 
+def _masked_norms_pay(module: nn.Module, b: Tensor, mask: ParamMask, allowance: int) -> bool:
+    """Return whether a masked convolution weight should take its norms without per-sample gradients.
+
+    Always at few output positions, where the masked ghost norm is the fastest kernel.
+    Otherwise where the per-sample gradients would not be kept (more than ``allowance``
+    elements) and the sampled product, which is faster, does not pay.
+    """
+    if not isinstance(module, nn.Conv2d):
+        return False
+    positions = b.shape[2] * b.shape[3]
+    if module.groups == 1 and positions <= conv_grads.MASKED_GHOST_MAX_POSITIONS:
+        return True
+    kept, total = mask.kept_index.numel(), mask.dropped.numel()
+    if mask.rows is not None and conv_grads.sampling_pays(module, b, kept, total):
+        return False
+    stored = kept if kept <= _SELECT_MAX_SHARE * total else total  # as _flat_values keeps them
+    return b.shape[0] * stored > allowance
+
+
 def _ghost_book(module: nn.Conv2d, a: Tensor, b: Tensor, masks: Sequence[ParamMask | None]) -> LayerBook:
-    squared = conv_grads.ghost_squared_norms(module, a, b)
+    return _norms_only_book(module, a, b, masks, conv_grads.ghost_squared_norms(module, a, b))
+
+
+def _norms_only_book(
+    module: nn.Conv2d, a: Tensor, b: Tensor, masks: Sequence[ParamMask | None], squared: Tensor
+) -> LayerBook:
+    """Return the book of a convolution whose weight has norms ``squared`` but no kept gradients.
+
+    The clipped sum of its weight is recomputed from ``a`` and ``b``; its bias, if any,
+    keeps its per-sample gradients (one value per output channel).
+    """
     values: list[Tensor | None] = [None]
     if module.bias is not None:
         bias = _flat_values(_conv_bias_grads(b), masks[1])
@@ -194,7 +227,7 @@ def weighted_sums(
         if values is None:
             grad = recomputed[k]
             if mask is not None:
-                grad.masked_fill_(mask.dropped, 0.0)
+                grad.mul_(keep_factors(mask.dropped, grad.dtype))
             sums.append(grad)
             continue
         summed = _weighted_rows(factors, values)

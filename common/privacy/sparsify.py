@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 _MASK_SEED_TAG = 0x5253  # separates mask seeds from other seeds derived from the run seed
 REFRESH_CHOICES = ("round", "epoch")
+_MASK_BLOCK = 1 << 16  # coordinates per block of a mask draw, see _clear_uniform_subset
 
 
 def rs_rate(window: int, *, num_windows: int, final_rate: float) -> float:
@@ -128,11 +129,21 @@ class SparsityMask:
         if len(tensors) != len(self.kept):
             raise ValueError(f"mask has {len(self.kept)} parameters, got {len(tensors)} tensors")
         for tensor, dropped in zip(tensors, self.dropped):
-            tensor.masked_fill_(dropped, 0.0)
+            tensor.mul_(keep_factors(dropped, tensor.dtype))
 
     def apply_per_sample(self, index: int, per_sample: Tensor) -> Tensor:
         """Return ``per_sample`` (leading batch dim) of parameter ``index`` with its mask applied."""
-        return per_sample.masked_fill(self.dropped[index], 0.0)
+        return per_sample * keep_factors(self.dropped[index], per_sample.dtype)
+
+
+def keep_factors(dropped: Tensor, dtype: torch.dtype) -> Tensor:
+    """Return 1 where a coordinate is kept and 0 where ``dropped``, in ``dtype``.
+
+    Multiplying by these zeroes the dropped coordinates (as -0.0 where negative) far
+    faster than ``masked_fill_`` on the CPU: for 2.36 M float32 values on 2 threads, 1.05 ms
+    with the conversion and 0.33 ms without, against 4.2 ms.
+    """
+    return torch.logical_not(dropped).to(dtype)
 
 
 def draw_mask(
@@ -145,8 +156,8 @@ def draw_mask(
     """Draw a mask zeroing exactly ``floor(rate * d)`` of the ``d`` coordinates of ``shapes``.
 
     The zeroed coordinates are a uniform random subset of that size of the flattened
-    parameter vector, whatever the layer sizes. ``generator`` seeds the draw, which
-    samples the smaller side (the zeroed or the kept coordinates) without replacement.
+    parameter vector, whatever the layer sizes. ``generator`` seeds the draw (see
+    :func:`_clear_uniform_subset`).
     """
     if not 0 <= rate < 1:
         raise ValueError(f"RS rate must lie in [0, 1), got {rate!r}")
@@ -155,18 +166,35 @@ def draw_mask(
     zeroed = num_zeroed(rate, total)
     flat = torch.ones(total, dtype=torch.bool)
     if zeroed:
-        # Drawing the smaller side skips permuting all d coordinates: 0.09 s for the 10%
-        # kept of a ResNet18 U-Net's 14.3 M, against 0.40 s for torch.randperm.
         rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))
-        if zeroed <= total - zeroed:
-            flat[torch.from_numpy(rng.choice(total, zeroed, replace=False))] = False
-        else:
-            flat[:] = False
-            flat[torch.from_numpy(rng.choice(total, total - zeroed, replace=False))] = True
+        _clear_uniform_subset(flat.numpy(), zeroed, rng)
     kept = tuple(
         part.reshape(shape).to(device) for part, shape in zip(torch.split(flat, sizes), shapes)
     )
     return SparsityMask(kept=kept, rate=float(rate), num_zeroed=zeroed, num_coordinates=total)
+
+
+def _clear_uniform_subset(flags: np.ndarray, count: int, rng: np.random.Generator) -> None:
+    """Set ``count`` entries of the all-True ``flags`` to False, a uniformly random subset.
+
+    The entries are split into blocks of ``_MASK_BLOCK``. How many of the subset fall in
+    each block follows the multivariate hypergeometric distribution, and given those
+    counts the subset within each block is a uniform one of its size, independent of
+    the other blocks. Drawing the counts first and then each block's subset is therefore
+    exact. Each block's draw stays in cache, so 45% of a ResNet18 U-Net's 14.3 M
+    coordinates took 0.04 s on 2 cores, against 0.60 s for one draw over all of them.
+    """
+    starts = np.arange(0, flags.size, _MASK_BLOCK)
+    sizes = np.minimum(_MASK_BLOCK, flags.size - starts)
+    counts = rng.multivariate_hypergeometric(sizes, count, method="marginals")
+    for start, size, cleared in zip(starts.tolist(), sizes.tolist(), counts.tolist()):
+        block = flags[start : start + size]
+        # Draw the smaller side: the cleared entries, or the ones that stay set.
+        if cleared <= size - cleared:
+            block[rng.choice(size, cleared, replace=False, shuffle=False)] = False
+        else:
+            block[:] = False
+            block[rng.choice(size, size - cleared, replace=False, shuffle=False)] = True
 
 
 def seeded_mask(
@@ -175,8 +203,8 @@ def seeded_mask(
     """Return :func:`draw_mask` of ``shapes`` at ``rate`` from a generator seeded with ``seed``.
 
     The last mask is kept: a site draws its round's mask to train and again to encode
-    its sparse upload, and each draw permutes all ``d`` coordinates (0.39 s for a
-    ResNet18 U-Net on 2 cores). Callers must not modify the mask.
+    its sparse upload, and a draw also splits the mask by parameter and finds its kept
+    indices. Callers must not modify the mask.
     """
     return _seeded_mask(tuple(tuple(shape) for shape in shapes), float(rate), int(seed), str(torch.device(device)))
 
