@@ -71,12 +71,16 @@ def encode_update(
     model with buffers, or an optimiser with momentum), so the caller sends dense weights.
     """
     values = []
-    for (key, before), kept in zip(old.items(), mask.kept):
+    for (key, before), kept, index in zip(old.items(), mask.kept, mask.kept_index):
         delta = np.asarray(new[key], dtype=np.float32) - np.asarray(before, dtype=np.float32)
-        kept_np = kept.cpu().numpy()
-        if delta.shape != kept_np.shape or np.any(delta[~kept_np] != 0):
+        if delta.shape != tuple(kept.shape):
             return None
-        values.append(delta[kept_np])
+        flat = delta.reshape(-1)
+        kept_values = flat[index.cpu().numpy()]
+        # A nonzero masked coordinate would add to the count of the whole update only.
+        if np.count_nonzero(flat) != np.count_nonzero(kept_values):
+            return None
+        values.append(kept_values)
     return np.concatenate(values) if values else np.zeros(0, dtype=np.float32)
 
 
@@ -114,11 +118,10 @@ def decode_update(
         )
     rebuilt: dict[str, np.ndarray] = {}
     offset = 0
-    for (key, before), kept in zip(old.items(), mask.kept):
-        kept_np = kept.cpu().numpy()
-        count = int(kept_np.sum())
+    for (key, before), index in zip(old.items(), mask.kept_index):
+        positions = index.cpu().numpy()
         weights = np.array(before, dtype=np.float32, copy=True)
-        weights[kept_np] += values[offset : offset + count]
-        rebuilt[key] = weights.astype(np.asarray(before).dtype)
-        offset += count
+        weights.reshape(-1)[positions] += values[offset : offset + positions.size]
+        rebuilt[key] = weights.astype(np.asarray(before).dtype, copy=False)
+        offset += positions.size
     return rebuilt
