@@ -18,7 +18,8 @@ steps; on a GPU ``torch.cuda.max_memory_allocated`` minus the memory allocated b
 the first step. "tensor MiB": the peak of live tensor memory during a third step, from
 the profiler's allocation events (on a GPU the same as "extra MiB").
 
-Usage: ``python benchmarks/bench_dp_step.py [--quick] [--sizes 128 256] [--rounds N]``
+Usage: ``python benchmarks/bench_dp_step.py [--quick] [--sizes 128 256] [--rounds N]
+[--encoder resnet34] [--rs-rate 0.9]``
 """
 
 from __future__ import annotations
@@ -50,7 +51,14 @@ from common.privacy.step import DPStep, NonPrivateStep  # noqa: E402
 
 BATCH = 8
 THREADS = 2
-RS_RATE = 0.9
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The model and RS rate every case of a run shares."""
+
+    encoder: str = "resnet34"
+    rs_rate: float = 0.9
 
 
 @dataclass(frozen=True)
@@ -78,8 +86,8 @@ QUICK_CASES = [
 ]
 
 
-def build_step(case: Case, model: torch.nn.Module, device: torch.device):
-    """Return the step object of ``case`` for ``model`` (RS mask drawn at rate 0.9)."""
+def build_step(case: Case, model: torch.nn.Module, device: torch.device, rs_rate: float = Setup.rs_rate):
+    """Return the step object of ``case`` for ``model`` (RS mask drawn at ``rs_rate``)."""
     if case.method == "none":
         return NonPrivateStep(model, dice_bce_loss)
     adaptive = None
@@ -92,7 +100,7 @@ def build_step(case: Case, model: torch.nn.Module, device: torch.device):
     )
     if case.method.startswith("rs"):
         generator = torch.Generator().manual_seed(0)
-        step.set_mask(draw_mask([p.shape for p in step.params], rate=RS_RATE, generator=generator, device=device))
+        step.set_mask(draw_mask([p.shape for p in step.params], rate=rs_rate, generator=generator, device=device))
     return step
 
 
@@ -121,11 +129,11 @@ def _system_seconds() -> float:
 
 
 def time_cases(
-    cases: list[Case], size: int, rounds: int, device: torch.device
+    cases: list[Case], size: int, rounds: int, device: torch.device, setup: Setup
 ) -> dict[str, list[tuple[float, float, float]]]:
     """Time every case ``rounds`` times, interleaved in a new random order each round, after one warm-up step each."""
     torch.manual_seed(0)
-    base = build_unet().to(device)
+    base = build_unet(encoder=setup.encoder).to(device)
     images, targets = make_batch(size, device)
     # Each case trains its own copy: Opacus's hooks stay on a model once attached and
     # would otherwise slow every other case's forward and backward pass.
@@ -133,7 +141,7 @@ def time_cases(
     for case in cases:
         model = copy.deepcopy(base)
         params = [p for p in model.parameters() if p.requires_grad]
-        updates[case.label] = (build_step(case, model, device), torch.optim.SGD(params, lr=1e-6))
+        updates[case.label] = (build_step(case, model, device, setup.rs_rate), torch.optim.SGD(params, lr=1e-6))
     times: dict[str, list[tuple[float, float, float]]] = {case.label: [] for case in cases}
     for step, optimizer in updates.values():
         timed_update(step, optimizer, images, targets, device)
@@ -151,17 +159,19 @@ def time_cases(
     return times
 
 
-def measure_memory_child(method: str, strategy: str, size: int, device_name: str) -> dict[str, float]:
+def measure_memory_child(
+    method: str, strategy: str, size: int, device_name: str, setup: Setup
+) -> dict[str, float]:
     """Run in a child process: return the peak extra memory (MiB) of two steps of one case."""
     torch.set_num_threads(THREADS)
     device = torch.device(device_name)
-    model = build_unet().to(device)
+    model = build_unet(encoder=setup.encoder).to(device)
     images, targets = make_batch(size, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-6)
     # The step object and its RS mask last a whole refresh window, like the model, so
     # the peak counts only what the updates themselves allocate.
-    step = build_step(Case(method, strategy), model, device)
+    step = build_step(Case(method, strategy), model, device, setup.rs_rate)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -210,10 +220,10 @@ def _proc_status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
-def memory_of(case: Case, size: int, device: torch.device) -> dict[str, float]:
+def memory_of(case: Case, size: int, device: torch.device, setup: Setup) -> dict[str, float]:
     command = [
         sys.executable, __file__, "--memory-child", case.method, case.strategy or "-",
-        str(size), str(device),
+        str(size), str(device), "--encoder", setup.encoder, "--rs-rate", repr(setup.rs_rate),
     ]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
@@ -244,15 +254,17 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def run(cases: list[Case], sizes: list[int], rounds: int, devices: list[torch.device], *, memory: bool) -> None:
+def run(
+    cases: list[Case], sizes: list[int], rounds: int, devices: list[torch.device], setup: Setup, *, memory: bool
+) -> None:
     for device in devices:
         print("\n".join(environment_lines(device)))
         for size in sizes:
-            times = time_cases(cases, size, rounds, device)
+            times = time_cases(cases, size, rounds, device, setup)
             nothing = {"extra_mib": float("nan"), "tensor_mib": float("nan")}
-            extra = {case.label: memory_of(case, size, device) if memory else nothing for case in cases}
-            print(f"\n{device.type} {size}x{size}, batch {BATCH}, {rounds} interleaved rounds, "
-                  f"load average after: {os.getloadavg()[0]:.2f}")
+            extra = {case.label: memory_of(case, size, device, setup) if memory else nothing for case in cases}
+            print(f"\n{device.type} {size}x{size}, {setup.encoder} U-Net, batch {BATCH}, RS rate "
+                  f"{setup.rs_rate:g}, {rounds} interleaved rounds, load average after: {os.getloadavg()[0]:.2f}")
             print(_table(cases, times, extra))
 
 
@@ -293,14 +305,17 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="time only, skip the memory children")
     parser.add_argument("--cases", nargs="+", metavar="METHOD/STRATEGY",
                         help="run only these cases (labels as in the table; 'none' is always added)")
+    parser.add_argument("--encoder", default=Setup.encoder, help="U-Net encoder (default resnet34)")
+    parser.add_argument("--rs-rate", type=float, default=Setup.rs_rate, help="RS rate of the rs cases (default 0.9)")
     parser.add_argument("--memory-child", nargs=4, metavar=("METHOD", "STRATEGY", "SIZE", "DEVICE"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
+    setup = Setup(encoder=args.encoder, rs_rate=args.rs_rate)
     if args.memory_child:
         method, strategy, size, device = args.memory_child
         strategy = "" if strategy == "-" else strategy
-        print(json.dumps(measure_memory_child(method, strategy, int(size), device)))
+        print(json.dumps(measure_memory_child(method, strategy, int(size), device, setup)))
         return
     cases = QUICK_CASES if args.quick else FULL_CASES
     if args.cases:
@@ -309,7 +324,7 @@ def main() -> None:
     devices = [torch.device("cpu")]
     if torch.cuda.is_available() and not args.cpu_only:
         devices.append(torch.device("cuda"))
-    run(cases, args.sizes, rounds, devices, memory=not args.no_memory)
+    run(cases, args.sizes, rounds, devices, setup, memory=not args.no_memory)
 
 
 if __name__ == "__main__":
