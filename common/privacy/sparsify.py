@@ -142,6 +142,10 @@ def keep_factors(dropped: Tensor, dtype: torch.dtype) -> Tensor:
     Multiplying by these zeroes the dropped coordinates (as -0.0 where negative) far
     faster than ``masked_fill_`` on the CPU: for 2.36 M float32 values on 2 threads, 1.05 ms
     with the conversion and 0.33 ms without, against 4.2 ms.
+
+    NOTE: an infinite or NaN value at a dropped coordinate becomes NaN, not 0. A
+    non-finite per-sample gradient already makes every method's update NaN (its norm is
+    infinite, as in Opacus), so no step guards against it.
     """
     return torch.logical_not(dropped).to(dtype)
 
