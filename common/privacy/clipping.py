@@ -27,10 +27,15 @@ from common.privacy.noise import NoiseSource
 
 
 def flat_clip_factor(norms: Tensor, *, max_grad_norm: float) -> Tensor:
-    """Return ``min(1, C / ||g_i||)`` per sample (1 where the norm is 0)."""
+    """Return ``min(1, C / ||g_i||)`` per sample (1 where the norm is 0, 0 where it is NaN).
+
+    A NaN norm bounds nothing, so its example gets factor 0 and contributes nothing;
+    factor 1 would add it unclipped.
+    """
     _check_positive("max_grad_norm", max_grad_norm)
     safe = torch.where(norms > 0, norms, torch.ones_like(norms))
-    return torch.clamp(max_grad_norm / safe, max=1.0)
+    factors = torch.clamp(max_grad_norm / safe, max=1.0)
+    return torch.where(torch.isnan(norms), torch.zeros_like(factors), factors)
 
 
 def automatic_clip_factor(norms: Tensor, *, max_grad_norm: float, gamma: float) -> Tensor:

@@ -166,20 +166,25 @@ def sampled_weight(module: nn.Conv2d, a: Tensor, b: Tensor, rows: Tensor, cols: 
     return product.values().reshape(batch, count).clone()
 
 
-def ghost_squared_norms(module: nn.Conv2d, a: Tensor, b: Tensor) -> Tensor:
-    """Return ``<A_i^T A_i, B_i^T B_i>`` per example, with ``A_i`` the unfolded input.
+def ghost_squared_norms(module: nn.Conv2d, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Return an upper bound of ``<A_i^T A_i, B_i^T B_i>`` per example, and its :func:`spread`.
 
-    The Gram matrix of the unfolded input is assembled from the Gram matrix of the
-    padded input's pixels: two patches' inner product is the sum, over kernel offsets,
-    of the inner products of the pixels at that offset. This skips unfolding (a copy
-    of kernel-area times the input) and costs ``C P^2`` multiply-adds for ``P`` padded
-    pixels instead of ``T^2 D``.
+    ``A_i`` is the unfolded input. Its Gram matrix is assembled from the Gram matrix of
+    the padded input's pixels: two patches' inner product is the sum, over kernel
+    offsets, of the inner products of the pixels at that offset. This skips unfolding (a
+    copy of kernel-area times the input) and costs ``C P^2`` multiply-adds for ``P``
+    padded pixels instead of ``T^2 D``.
+
+    The Gram matrices are float64, and the bound adds their worst-case rounding. In
+    float32, an input with a large common offset and output gradients that cancel over
+    the positions gave negative squared norms: the norm was NaN and the example went
+    unclipped (a contribution of norm 558 for a bound of 1).
     """
     (kh, kw), (sh, sw), (dh, dw), (ph, pw) = (
         module.kernel_size, module.stride, module.dilation, module.padding
     )
     batch, _, out_h, out_w = b.shape
-    padded = F.pad(a, (pw, pw, ph, ph)).flatten(2)
+    padded = F.pad(a, (pw, pw, ph, ph)).flatten(2).to(torch.float64)
     height, width = a.shape[2] + 2 * ph, a.shape[3] + 2 * pw
     pixels = torch.bmm(padded.transpose(1, 2), padded).view(batch, height, width, height, width)
     gram_a = None
@@ -189,13 +194,58 @@ def ghost_squared_norms(module: nn.Conv2d, a: Tensor, b: Tensor) -> Tensor:
             cols = slice(j * dw, j * dw + sw * (out_w - 1) + 1, sw)
             block = pixels[:, rows, cols, rows, cols]
             gram_a = block.clone() if gram_a is None else gram_a.add_(block)
-    outputs = b.flatten(2)
+    outputs = b.flatten(2).to(torch.float64)
     gram_b = torch.bmm(outputs.transpose(1, 2), outputs)
-    return (gram_a.reshape_as(gram_b) * gram_b).sum((1, 2), dtype=torch.float64)
+    gram_a = gram_a.reshape_as(gram_b)
+    squared = (gram_a * gram_b).sum((1, 2))
+    # The diagonals are the squared norms of the patches and output gradients: W for free.
+    spread_ = (gram_a.diagonal(dim1=1, dim2=2) * gram_b.diagonal(dim1=1, dim2=2)).sqrt().sum(1)
+    terms = module.in_channels + kh * kw + module.out_channels + (out_h * out_w) ** 2
+    return _with_rounding(squared, spread_, terms)
+
+
+def spread(module: nn.Conv2d, a: Tensor, b: Tensor) -> Tensor:
+    """Return ``W_i = sum_t ||A_i[:, t]|| ||B_i[:, t]||`` per example (float64).
+
+    ``A_i[:, t]`` is the input patch of output position ``t`` (over all in-channels)
+    and ``B_i[:, t]`` the output gradient there. Every sum of products over the
+    positions that a convolution's weight gradient computes has a rounding error of at
+    most ``gamma_n W_i`` (with ``n`` terms per sum), however much its terms cancel.
+    """
+    pixels = a.to(torch.float64).square().sum(1, keepdim=True)
+    window = pixels.new_ones(1, 1, *module.kernel_size)
+    patches = F.conv2d(pixels, window, stride=module.stride, padding=module.padding, dilation=module.dilation)
+    outputs = b.to(torch.float64).square().sum(1)
+    return (patches[:, 0] * outputs).sqrt().flatten(1).sum(1)
+
+
+def rounding_factor(terms: int, dtype: torch.dtype) -> float:
+    """Return ``gamma_n = n u / (1 - n u)``, the worst-case relative rounding of ``n`` terms in ``dtype``.
+
+    ``u`` is the unit roundoff. This is the standard worst-case bound for a sum of ``n``
+    products, relative to the sum of their absolute values, in any summation order and
+    with or without fused multiply-adds.
+    """
+    share = terms * torch.finfo(dtype).eps / 2
+    if share >= 1:
+        raise ValueError(f"{terms} terms exceed the precision of {dtype}")
+    return share / (1 - share)
+
+
+def _with_rounding(squared: Tensor, spread_: Tensor, terms: int) -> tuple[Tensor, Tensor]:
+    """Return ``squared`` plus its worst-case float64 rounding for ``terms`` terms, and ``spread_``.
+
+    Each Gram entry, product and sum rounds at most ``gamma W^2`` in all; twice the
+    term count also covers the rounding of ``W`` itself.
+    """
+    return squared + rounding_factor(2 * terms, torch.float64) * spread_.square(), spread_
 
 
 def masked_squared_norms(module: nn.Conv2d, a: Tensor, b: Tensor, dropped: Tensor) -> Tensor:
     """Return ``||m * g_i||^2`` per example for the weight of ``module``, RS mask ``m = ~dropped``.
+
+    An upper bound at few positions (see :func:`_masked_ghost_norms`); otherwise the
+    norms of the per-sample gradients as computed.
 
     Neither kernel materialises the batch's per-sample gradients, ``B`` times the weight's
     size, which at low resolution is far more memory than the activations, so writing and
@@ -207,7 +257,7 @@ def masked_squared_norms(module: nn.Conv2d, a: Tensor, b: Tensor, dropped: Tenso
     """
     positions = b.shape[2] * b.shape[3]
     if module.groups == 1 and positions <= MASKED_GHOST_MAX_POSITIONS:
-        return _masked_ghost_norms(module, a, b, dropped)
+        return _masked_ghost_norms(module, a, b, dropped)[0]
     keep = keep_factors(dropped, a.dtype)
     squared = []
     for grad in _per_example_grads(module, a, b):
@@ -216,8 +266,8 @@ def masked_squared_norms(module: nn.Conv2d, a: Tensor, b: Tensor, dropped: Tenso
     return torch.stack(squared).to(torch.float64).square()
 
 
-def _masked_ghost_norms(module: nn.Conv2d, a: Tensor, b: Tensor, dropped: Tensor) -> Tensor:
-    """Return the masked squared norms from products of output positions, without per-sample gradients.
+def _masked_ghost_norms(module: nn.Conv2d, a: Tensor, b: Tensor, dropped: Tensor) -> tuple[Tensor, Tensor]:
+    """Return upper bounds of the masked squared norms from products of output positions, and the :func:`spread`.
 
     With ``A_i`` the unfolded input (``D x T``) and ``B_i`` the output gradient
     (``p x T``), ``||m * B_i A_i^T||^2 = sum_o sum_{t, u} B_i[o, t] B_i[o, u] M_i[o, (t, u)]``
@@ -227,17 +277,21 @@ def _masked_ghost_norms(module: nn.Conv2d, a: Tensor, b: Tensor, dropped: Tensor
     instead of ``p D``, so it pays for few positions ``T``.
     """
     batch, out_channels = b.shape[:2]
-    patches = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)
+    wide = torch.float64  # as for the ghost norm: float32 cancels to negative norms
+    patches = F.unfold(a.to(wide), module.kernel_size, module.dilation, module.padding, module.stride)
     positions = patches.shape[2]
     first, second = torch.triu_indices(positions, positions, device=a.device)
     input_pairs = (patches[:, :, first] * patches[:, :, second]).transpose(0, 1).reshape(patches.shape[1], -1)
-    keep = keep_factors(dropped, a.dtype).view(out_channels, -1)
+    keep = keep_factors(dropped, wide).view(out_channels, -1)
     kept_pairs = (keep @ input_pairs).view(out_channels, batch, -1).transpose(0, 1)
-    outputs = b.flatten(2)
+    outputs = b.flatten(2).to(wide)
     # Each pair t < u stands for both orders.
-    order = torch.where(first == second, 1.0, 2.0).to(device=a.device, dtype=a.dtype)
+    order = torch.where(first == second, 1.0, 2.0).to(device=a.device, dtype=wide)
     output_pairs = outputs[:, :, first] * outputs[:, :, second] * order
-    return (kept_pairs * output_pairs).sum((1, 2), dtype=torch.float64)
+    squared = (kept_pairs * output_pairs).sum((1, 2))
+    spread_ = (patches.square().sum(1) * outputs.square().sum(1)).sqrt().sum(1)
+    terms = patches.shape[1] + out_channels * positions**2 + 4
+    return _with_rounding(squared, spread_, terms)
 
 
 def _per_example_grads(module: nn.Conv2d, a: Tensor, b: Tensor):

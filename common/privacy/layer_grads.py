@@ -96,12 +96,18 @@ class LayerBook:
             None where the sum is recomputed from ``a`` and ``b``.
         a: the layer input, kept only if some value is None.
         b: the output gradient, kept only if some value is None.
+        rounding: float64 ``(B,)`` or None, for a convolution whose clipped sum is
+            recomputed: a bound on the norm of the difference between each example's
+            share of the recomputed sum and the gradient whose norm ``squared`` bounds
+            (see :func:`recompute_rounding`). Clipping adds it to the norm, so that what
+            is summed stays within the clipping bound however much the sum cancels.
     """
 
     squared: Tensor
     values: list[Rows | None]
     a: Tensor | None = None
     b: Tensor | None = None
+    rounding: Tensor | None = None
 
     @property
     def stored(self) -> int:
@@ -136,12 +142,15 @@ def book_layer(
         return _ghost_book(module, a, b, masks)
     if masks[0] is not None and _masked_norms_pay(module, b, masks[0], allowance):
         squared = conv_grads.masked_squared_norms(module, a, b, masks[0].dropped)
-        return _norms_only_book(module, a, b, masks, squared)
+        return _norms_only_book(module, a, b, masks, squared, conv_grads.spread(module, a, b))
     values = _kept_values(module, a, b, masks, stats)
     squared = sum(_squared_norms(v) for v in values)
     if sum(_rows_numel(v) for v in values) <= allowance:
         return LayerBook(squared=squared, values=values)
-    return LayerBook(squared=squared, values=[None] * len(params), a=a, b=b)
+    rounding = None
+    if isinstance(module, nn.Conv2d):
+        rounding = recompute_rounding(b, a.dtype, conv_grads.spread(module, a, b))
+    return LayerBook(squared=squared, values=[None] * len(params), a=a, b=b, rounding=rounding)
 
 
 def _kept_values(
@@ -195,11 +204,28 @@ def _masked_norms_pay(module: nn.Module, b: Tensor, mask: ParamMask, allowance: 
 
 
 def _ghost_book(module: nn.Conv2d, a: Tensor, b: Tensor, masks: Sequence[ParamMask | None]) -> LayerBook:
-    return _norms_only_book(module, a, b, masks, conv_grads.ghost_squared_norms(module, a, b))
+    return _norms_only_book(module, a, b, masks, *conv_grads.ghost_squared_norms(module, a, b))
+
+
+def recompute_rounding(b: Tensor, dtype: torch.dtype, spread: Tensor) -> Tensor:
+    """Return a bound on the rounding of each example's share of a recomputed convolution sum.
+
+    The batched weight gradient sums ``B T`` products per weight, and the norm came
+    from per-sample values summed over ``T`` products, or from exact Gram matrices. Both
+    roundings are at most ``gamma_n`` times :func:`common.privacy.conv_grads.spread`
+    for ``n = B T + T + 4`` (the reweighting included).
+    """
+    positions = b[0, 0].numel()
+    return conv_grads.rounding_factor(b.shape[0] * positions + positions + 4, dtype) * spread
 
 
 def _norms_only_book(
-    module: nn.Conv2d, a: Tensor, b: Tensor, masks: Sequence[ParamMask | None], squared: Tensor
+    module: nn.Conv2d,
+    a: Tensor,
+    b: Tensor,
+    masks: Sequence[ParamMask | None],
+    squared: Tensor,
+    spread: Tensor,
 ) -> LayerBook:
     """Return the book of a convolution whose weight has norms ``squared`` but no kept gradients.
 
@@ -209,9 +235,9 @@ def _norms_only_book(
     values: list[Tensor | None] = [None]
     if module.bias is not None:
         bias = _flat_values(_conv_bias_grads(b), masks[1])
-        squared += _squared_norms(bias)
+        squared = squared + _squared_norms(bias)
         values.append(bias)
-    return LayerBook(squared=squared, values=values, a=a, b=b)
+    return LayerBook(squared=squared, values=values, a=a, b=b, rounding=recompute_rounding(b, a.dtype, spread))
 
 
 def weighted_sums(

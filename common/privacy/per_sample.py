@@ -323,12 +323,19 @@ class _BackwardBooks:
             )
 
     def norms(self, batch: int, device: torch.device) -> Tensor:
-        """Return each example's gradient norm over all layers (float64)."""
+        """Return each example's gradient norm over all layers (float64), with the recomputed sums' rounding.
+
+        The rounding bounds of the layers whose sums are recomputed add to the norm, so
+        that the clipped contribution, as summed, stays within the clipping bound.
+        """
         total = torch.zeros(batch, dtype=torch.float64, device=device)
+        rounding = torch.zeros(batch, dtype=torch.float64, device=device)
         for book in self.books:
             if book is not None:
                 total += book.squared
-        return total.sqrt()
+                if book.rounding is not None:
+                    rounding += book.rounding.square()
+        return total.sqrt() + rounding.sqrt()
 
 
 def _total_norm(per_sample: Sequence[Tensor]) -> Tensor:
