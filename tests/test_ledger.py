@@ -319,6 +319,22 @@ def test_first_check_fixes_accountant(tmp_path):
     assert PrivacyLedger(path, delta=DELTA).epsilon("rdp") > 0  # reporting under another accountant stays open
 
 
+def test_record_keeps_first_accountant(tmp_path, caplog):
+    """Two ledger objects on one file, checked under different accountants: the first stays fixed."""
+    path = tmp_path / "ledger.json"
+    first = PrivacyLedger(path, delta=DELTA, target_epsilon=8.0)
+    second = PrivacyLedger(path, delta=DELTA, target_epsilon=8.0)
+    assert first.check_budget([round_entry(1)], accountant="pld") is None
+    assert second.check_budget([round_entry(2)], accountant="rdp") is None
+    first.record([round_entry(1)])
+    second.record([round_entry(2)])
+    assert "recording its steps and keeping pld" in caplog.text
+    assert json.loads(path.read_text())["accountant"] == "pld"
+    assert len(json.loads(path.read_text())["entries"]) == 2
+    with pytest.raises(ValueError, match="under the pld accountant"):
+        second.check_budget([round_entry(3)], accountant="rdp")
+
+
 def test_accountant_of_older_or_open_ledger(tmp_path):
     """A file without the field takes its next check's accountant; without a target nothing is fixed."""
     path = tmp_path / "ledger.json"

@@ -286,8 +286,17 @@ class PrivacyLedger:
                     len(self._entries),
                 )
             on_disk = self._entries if stored is None else self._reconcile(stored)
-            if stored is not None and self._budget_accountant is None:
-                self._budget_accountant = stored["accountant"]
+            first = None if stored is None else stored["accountant"]
+            if first is not None and self._budget_accountant not in (None, first):
+                # Another process fixed another accountant since this one was loaded. The
+                # steps were taken, so they are recorded; the next check raises.
+                log.warning(
+                    "privacy ledger %s enforces its target under the %s accountant, but this "
+                    "run checked the round under %s; recording its steps and keeping %s",
+                    self._path, first, self._budget_accountant, first,
+                )
+            if first is not None:
+                self._budget_accountant = first
             merged = on_disk + new
             write_json(self._path, self._payload(merged))
         self._set_entries(merged)
