@@ -219,11 +219,14 @@ def spread(module: nn.Conv2d, a: Tensor, b: Tensor) -> Tensor:
     positions that a convolution's weight gradient computes has a rounding error of at
     most ``gamma_n W_i`` (with ``n`` terms per sum), however much its terms cancel.
     """
-    pixels = a.to(torch.float64).square().sum(1, keepdim=True)
+    # Channel sums first, in the inputs' precision: a float64 copy of a high-resolution
+    # input would add to the step's peak memory. The factor covers their rounding.
+    pixels = a.square().sum(1, keepdim=True).double()
     window = pixels.new_ones(1, 1, *module.kernel_size)
     patches = F.conv2d(pixels, window, stride=module.stride, padding=module.padding, dilation=module.dilation)
-    outputs = b.to(torch.float64).square().sum(1)
-    return (patches[:, 0] * outputs).sqrt().flatten(1).sum(1)
+    outputs = b.square().sum(1).double()
+    margin = 1 + rounding_factor(max(module.in_channels, module.out_channels) + 2, a.dtype)
+    return (patches[:, 0] * outputs).sqrt().flatten(1).sum(1) * margin
 
 
 def rounding_factor(terms: int, dtype: torch.dtype) -> float:
