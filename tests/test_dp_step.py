@@ -302,8 +302,11 @@ def test_conv_masked_norms(conv, size):
     weights, grads = layer_reference(conv, inputs)
     dropped = torch.rand(conv.weight.shape, generator=torch.Generator().manual_seed(1)) < 0.6
     expected = torch.stack([per[0].masked_fill(dropped, 0.0).pow(2).sum() for per in grads])
-    got = conv_grads.masked_squared_norms(conv, inputs, weights, dropped)
+    got, spread = conv_grads.masked_squared_norms(conv, inputs, weights, dropped)
     assert torch.allclose(got, expected, rtol=EXACT, atol=0)
+    patches = torch.nn.functional.unfold(inputs, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+    expected_spread = (patches.norm(dim=1) * weights.flatten(2).norm(dim=1)).sum(1)
+    assert torch.allclose(spread, expected_spread, rtol=EXACT, atol=0)
 
 
 def test_sampled_weight_keeps_only_its_values():

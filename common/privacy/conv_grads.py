@@ -181,8 +181,8 @@ def ghost_squared_norms(module: nn.Conv2d, a: Tensor, b: Tensor) -> tuple[Tensor
     that cancel over the positions gave negative float32 squared norms: the norm was NaN
     and the example went unclipped (a contribution of norm 558 for a bound of 1). On the
     benchmark batch the bound raised whole-model norms by 0.002% for the ResNet34 U-Net
-    at 128 px and 0.2% for the ResNet18 U-Net at 64 px; float64 Grams took 18.5 ms
-    against 11.6 ms per 128 px step.
+    at 128 px and by 0.2% for the ResNet18 U-Net at 64 px. Float64 Grams would cost more:
+    18.5 ms against 11.6 ms per 128 px step.
     """
     (kh, kw), (sh, sw), (dh, dw), (ph, pw) = (
         module.kernel_size, module.stride, module.dilation, module.padding
@@ -215,9 +215,9 @@ def spread(module: nn.Conv2d, a: Tensor, b: Tensor) -> Tensor:
     """Return ``W_i = sum_t ||A_i[:, t]|| ||B_i[:, t]||`` per example (float64).
 
     ``A_i[:, t]`` is the input patch of output position ``t`` (over all in-channels)
-    and ``B_i[:, t]`` the output gradient there. Every sum of products over the
-    positions that a convolution's weight gradient computes has a rounding error of at
-    most ``gamma_n W_i`` (with ``n`` terms per sum), however much its terms cancel.
+    and ``B_i[:, t]`` the output gradient there. However much its terms cancel, example
+    ``i``'s weight gradient computed as sums of ``n`` products over the positions has a
+    rounding error of norm at most ``gamma_n W_i``.
     """
     # Channel sums first, in the inputs' precision: a float64 copy of a high-resolution
     # input would add to the step's peak memory. The factor covers their rounding.
@@ -242,30 +242,31 @@ def rounding_factor(terms: int, dtype: torch.dtype) -> float:
     return share / (1 - share)
 
 
+def masked_squared_norms(
+    module: nn.Conv2d, a: Tensor, b: Tensor, dropped: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Return ``||m * g_i||^2`` per example for the weight of ``module`` and its :func:`spread`.
 
-def masked_squared_norms(module: nn.Conv2d, a: Tensor, b: Tensor, dropped: Tensor) -> Tensor:
-    """Return ``||m * g_i||^2`` per example for the weight of ``module``, RS mask ``m = ~dropped``.
+    ``m = ~dropped`` is the weight's RS mask. Neither kernel materialises the batch's
+    per-sample gradients (``B`` times the weight's size). At low resolution that is far
+    more memory than the activations, and writing and reading it bounds the time.
 
-    An upper bound at few positions (see :func:`_masked_ghost_norms`); otherwise the
-    norms of the per-sample gradients as computed.
+    - At most 4 output positions (``groups == 1``): a masked ghost norm, an upper bound
+      (:func:`_masked_ghost_norms`). It took 3.0 ms against 20 to 25 ms for the dense or
+      sampled per-sample gradients of a 512-channel 2 x 2 layer (batch 8, rate 0.45 or
+      0.9).
+    - Otherwise: one example's gradient at a time, masked and normed while it is in
+      cache. It took 6.2 ms against 21 ms for 768 to 256 channels at 4 x 4 (rate 0.45).
 
-    Neither kernel materialises the batch's per-sample gradients, ``B`` times the weight's
-    size, which at low resolution is far more memory than the activations, so writing and
-    reading them bounds the time. At most 4 output positions (``groups == 1``), a masked
-    ghost norm: 3.0 ms against 20 to 25 ms for the dense or sampled per-sample gradients
-    of a 512-channel 2 x 2 layer (batch 8, rate 0.45 or 0.9). Otherwise one example's
-    gradient at a time, masked and normed while it is in cache: 6.2 ms against 21 ms for
-    768 to 256 channels at 4 x 4 (rate 0.45). Both measured on a 2-core Intel Xeon.
+    Both were measured on a 2-core Intel Xeon.
     """
     positions = b.shape[2] * b.shape[3]
     if module.groups == 1 and positions <= MASKED_GHOST_MAX_POSITIONS:
-        return _masked_ghost_norms(module, a, b, dropped)[0]
+        return _masked_ghost_norms(module, a, b, dropped)
     keep = keep_factors(dropped, a.dtype)
-    squared = []
-    for grad in _per_example_grads(module, a, b):
-        squared.append(torch.linalg.vector_norm(grad.mul_(keep)))
+    norms = [torch.linalg.vector_norm(grad.mul_(keep)) for grad in _per_example_grads(module, a, b)]
     # As for the other per-sample norms: taken in the gradients' precision, squared in float64.
-    return torch.stack(squared).to(torch.float64).square()
+    return torch.stack(norms).to(torch.float64).square(), spread(module, a, b)
 
 
 def _masked_ghost_norms(module: nn.Conv2d, a: Tensor, b: Tensor, dropped: Tensor) -> tuple[Tensor, Tensor]:

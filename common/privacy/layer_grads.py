@@ -141,8 +141,7 @@ def book_layer(
         # materialising them only to throw them away.
         return _ghost_book(module, a, b, masks)
     if masks[0] is not None and _masked_norms_pay(module, b, masks[0], allowance):
-        squared = conv_grads.masked_squared_norms(module, a, b, masks[0].dropped)
-        return _norms_only_book(module, a, b, masks, squared, conv_grads.spread(module, a, b))
+        return _norms_only_book(module, a, b, masks, *conv_grads.masked_squared_norms(module, a, b, masks[0].dropped))
     values = _kept_values(module, a, b, masks, stats)
     squared = sum(_squared_norms(v) for v in values)
     if sum(_rows_numel(v) for v in values) <= allowance:
@@ -196,10 +195,10 @@ def _masked_norms_pay(module: nn.Module, b: Tensor, mask: ParamMask, allowance: 
     positions = b.shape[2] * b.shape[3]
     if module.groups == 1 and positions <= conv_grads.MASKED_GHOST_MAX_POSITIONS:
         return True
-    kept, total = mask.kept_index.numel(), mask.dropped.numel()
-    if mask.rows is not None and conv_grads.sampling_pays(module, b, kept, total):
+    kept_count, size = mask.kept_index.numel(), mask.dropped.numel()
+    if mask.rows is not None and conv_grads.sampling_pays(module, b, kept_count, size):
         return False
-    stored = kept if kept <= _SELECT_MAX_SHARE * total else total  # as _flat_values keeps them
+    stored = kept_count if kept_count <= _SELECT_MAX_SHARE * size else size  # as _flat_values keeps them
     return b.shape[0] * stored > allowance
 
 

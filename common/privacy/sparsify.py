@@ -128,12 +128,12 @@ class SparsityMask:
         """Zero the masked coordinates of ``tensors`` (one per parameter), in place."""
         if len(tensors) != len(self.kept):
             raise ValueError(f"mask has {len(self.kept)} parameters, got {len(tensors)} tensors")
-        for tensor, dropped in zip(tensors, self.dropped):
-            tensor.mul_(keep_factors(dropped, tensor.dtype))
+        for tensor, kept in zip(tensors, self.kept):
+            tensor.mul_(kept.to(tensor.dtype))  # see keep_factors
 
     def apply_per_sample(self, index: int, per_sample: Tensor) -> Tensor:
         """Return ``per_sample`` (leading batch dim) of parameter ``index`` with its mask applied."""
-        return per_sample * keep_factors(self.dropped[index], per_sample.dtype)
+        return per_sample * self.kept[index].to(per_sample.dtype)
 
 
 def keep_factors(dropped: Tensor, dtype: torch.dtype) -> Tensor:
@@ -145,7 +145,7 @@ def keep_factors(dropped: Tensor, dtype: torch.dtype) -> Tensor:
 
     NOTE: an infinite or NaN value at a dropped coordinate becomes NaN, not 0. A
     non-finite per-sample gradient already makes every method's update NaN (its norm is
-    infinite, as in Opacus), so no step guards against it.
+    infinite or NaN), so no step guards against it.
     """
     return torch.logical_not(dropped).to(dtype)
 
